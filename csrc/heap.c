@@ -402,7 +402,7 @@ static int heap_format(struct llm_hdr *hdr, const char *name,
     hdr->procs_off = off;
     off += hdr->max_procs * sizeof(struct llm_proc);
     hdr->meta_pages = (uint32_t)(align_up(off, ps) / ps);
-    if (hdr->meta_pages >= hdr->npages)
+    if (hdr->meta_pages + 2 > hdr->npages)
         return LLM_EINVAL;
 
     pool_init_classes(hdr);
@@ -641,7 +641,7 @@ static int lookup(llm_heap *h, llm_handle hd, struct lookup *lk)
     uint64_t w;
 
     memset(lk, 0, sizeof *lk);
-    if (off >= h->size || pg < hdr->meta_pages || hd >> 63)
+    if (off >= h->size || pg < hdr->meta_pages)
         return LLM_EHANDLE;
     w = atomic_load(&page_desc(h, pg)->head);
     if ((off & (hdr->page_size - 1)) == 0) {

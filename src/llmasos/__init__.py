@@ -1,0 +1,97 @@
+"""LLMasOS: a user-space microkernel for low-latency microservices.
+
+The data plane, importable on its own:
+
+- ``Heap``: a paged heap of POSIX shared memory; ``Buffer``: one block of it.
+- ``Channel`` / ``Sender``: bounded MPSC queues in a heap; buffers travel by
+  handle, without copying.
+- ``Lock``, ``Semaphore``, ``Event``: synchronisation across processes that
+  survives a holder being killed.
+- ``malloc(n)`` / ``free(buf)``: the heap of the system this process belongs
+  to (``NoSystem`` when it belongs to none).
+"""
+
+from __future__ import annotations
+
+import os
+
+from llmasos.channel import Channel, Sender
+from llmasos.errors import (
+    ChannelClosed,
+    DoubleFree,
+    HeapError,
+    InvalidHandle,
+    LLMasOSError,
+    NoSystem,
+    StaleHandle,
+)
+from llmasos.heap import Buffer, Heap, HeapStats
+from llmasos.sync import Event, Lock, Semaphore
+
+__version__ = "0.1.0"
+
+HEAP_ENV = "LLMASOS_HEAP"
+
+_system_heap: Heap | None = None
+
+
+def system_heap() -> Heap:
+    """The heap of the system this process belongs to, attached on first use.
+
+    The kernel names it in the environment variable ``LLMASOS_HEAP`` of every
+    process it starts; ``use_heap`` sets it by hand.
+    """
+    global _system_heap
+    if _system_heap is None or _system_heap.closed:
+        name = os.environ.get(HEAP_ENV)
+        if not name:
+            raise NoSystem(
+                "this process does not belong to an LLMasOS system: no heap "
+                f"is named in ${HEAP_ENV}; start it with the kernel, or call "
+                "llmasos.use_heap(heap) first"
+            )
+        _system_heap = Heap.attach(name)
+    return _system_heap
+
+
+def use_heap(heap: Heap | None) -> None:
+    """Make ``heap`` the one ``malloc`` and ``free`` use in this process."""
+    global _system_heap
+    _system_heap = heap
+    if heap is None:
+        os.environ.pop(HEAP_ENV, None)
+    else:
+        os.environ[HEAP_ENV] = heap.name
+
+
+def malloc(n: int) -> Buffer:
+    """Allocate ``n`` bytes of the system heap, owned by this process."""
+    return (_system_heap or system_heap()).malloc(n)
+
+
+def free(buf: Buffer) -> None:
+    """Give a buffer of the system heap back."""
+    (_system_heap or system_heap()).free(buf)
+
+
+__all__ = [
+    "Buffer",
+    "Channel",
+    "ChannelClosed",
+    "DoubleFree",
+    "Event",
+    "Heap",
+    "HeapError",
+    "HeapStats",
+    "InvalidHandle",
+    "LLMasOSError",
+    "Lock",
+    "NoSystem",
+    "Semaphore",
+    "Sender",
+    "StaleHandle",
+    "free",
+    "malloc",
+    "system_heap",
+    "use_heap",
+]
