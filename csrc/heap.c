@@ -74,22 +74,38 @@ void heap_unlock(llm_heap *h)
 
 /* ---- the process table; under the heap lock ---- */
 
+/*
+ * The entry of pid, made if asked.  The table is an open-addressing hash
+ * on pid with linear probing; an entry given up becomes a tombstone (pid
+ * -1), so that the probe chains of others stay whole.
+ */
 static struct llm_proc *proc_find(llm_heap *h, pid_t pid, int create)
 {
-    struct llm_proc *free_slot = NULL;
+    uint32_t n = h->hdr->max_procs, at = ((uint32_t)pid * 2654435761u) % n;
+    struct llm_proc *p = NULL, *reuse = NULL;
 
-    for (uint32_t i = 0; i < h->hdr->max_procs; i++) {
-        struct llm_proc *p = proc_entry(h, i);
+    for (uint32_t k = 0; k < n; k++, at = at + 1 == n ? 0 : at + 1) {
+        p = proc_entry(h, at);
         if (p->pid == pid)
             return p;
-        if (p->pid == 0 && free_slot == NULL)
-            free_slot = p;
+        if (p->pid == 0)
+            break;
+        if (p->pid == -1 && reuse == NULL)
+            reuse = p;
     }
-    if (!create || free_slot == NULL)
+    if (reuse == NULL && p != NULL && p->pid == 0)
+        reuse = p;
+    if (!create || reuse == NULL)
         return NULL;
-    memset(free_slot, 0, sizeof *free_slot);
-    free_slot->pid = pid;
-    return free_slot;
+    memset(reuse, 0, sizeof *reuse);
+    reuse->pid = pid;
+    return reuse;
+}
+
+static void proc_drop_if_idle(struct llm_proc *p)
+{
+    if (p->pages == 0 && p->quota == 0)
+        p->pid = -1;
 }
 
 /* Charge pages (negative: credit) to pid; checks the quota if asked. */
@@ -105,8 +121,7 @@ int proc_charge(llm_heap *h, pid_t pid, int64_t pages, int check_quota)
     if (check_quota && p->quota && p->pages + pages > p->quota)
         return LLM_EQUOTA;
     p->pages = (uint32_t)(p->pages + pages);
-    if (p->pages == 0 && p->quota == 0)
-        p->pid = 0;
+    proc_drop_if_idle(p);
     return 0;
 }
 
@@ -116,10 +131,10 @@ int llm_set_quota(llm_heap *h, pid_t pid, uint32_t pages)
 
     heap_lock(h);
     p = proc_find(h, pid, 1);
-    if (p)
+    if (p) {
         p->quota = pages;
-    if (p && p->pages == 0 && p->quota == 0)
-        p->pid = 0;
+        proc_drop_if_idle(p);
+    }
     heap_unlock(h);
     return p ? 0 : LLM_ETABLEFULL;
 }
@@ -815,7 +830,7 @@ int llm_heap_reclaim(llm_heap *h, pid_t pid)
     }
     p = proc_find(h, pid, 0);
     if (p && p->pages == 0)
-        p->pid = 0;
+        p->pid = -1;
     heap_unlock(h);
     return 0;
 }
@@ -897,7 +912,7 @@ int llm_heap_stats(llm_heap *h, struct llm_heap_stats *st,
     }
     for (uint32_t i = 0; i < hdr->max_procs; i++) {
         struct llm_proc *pr = proc_entry(h, i);
-        for (unsigned k = 0; pr->pid && k < st->nprocs; k++)
+        for (unsigned k = 0; pr->pid > 0 && k < st->nprocs; k++)
             if (procs[k].pid == pr->pid)
                 procs[k].quota_pages = pr->quota;
     }
