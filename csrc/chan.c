@@ -19,6 +19,7 @@
 #include "internal.h"
 
 #include <limits.h>
+#include <sched.h>
 #include <string.h>
 
 #define SEND_CHECK_NS 50000000 /* a blocked sender looks at its receiver */
@@ -312,22 +313,32 @@ static int chan_ready(struct llm_chan *c, uint64_t head)
     return atomic_load_explicit(&c->tail, memory_order_acquire) != head;
 }
 
-/* Spin until a message arrives or spin_ns pass; 1 if one arrived. */
+/*
+ * Spin until a message arrives or spin_ns pass; 1 if one arrived.  After
+ * the first SPIN_PURE_NS the spinner yields the CPU between looks, so that
+ * on a machine with more spinners than CPUs the process it waits for can
+ * run (with a CPU to spare, sched_yield() returns at once).
+ */
+#define SPIN_PURE_NS 5000
+
 static int spin_wait(struct llm_chan *c, uint64_t head, int64_t spin_ns)
 {
-    int64_t until;
+    int64_t start, t;
 
     if (spin_ns <= 0)
         return 0;
-    until = now_ns() + spin_ns;
+    start = now_ns();
     do {
         for (int k = 0; k < 64; k++) {
             if (chan_ready(c, head))
                 return 1;
             cpu_relax();
         }
-    } while (now_ns() < until);
-    return 0;
+        t = now_ns();
+        if (t - start > SPIN_PURE_NS)
+            sched_yield();
+    } while (t - start < spin_ns);
+    return chan_ready(c, head);
 }
 
 /* Sleep until a message arrives, the channel closes, or the deadline. */

@@ -27,6 +27,7 @@ from llmasos.errors import (
 )
 from llmasos.heap import Buffer, Heap, HeapStats
 from llmasos.sync import Event, Lock, Semaphore
+from llmasos.client import RemoteError, ReplicaDied, ServiceUnavailable, aconnect, connect
 
 __version__ = "0.1.0"
 
@@ -75,6 +76,11 @@ def free(buf: Buffer) -> None:
 
 
 __all__ = [
+    "RemoteError",
+    "ReplicaDied",
+    "ServiceUnavailable",
+    "aconnect",
+    "connect",
     "Buffer",
     "Channel",
     "ChannelClosed",

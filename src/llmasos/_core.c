@@ -15,6 +15,7 @@
 #include <structmember.h>
 
 #include <signal.h>
+#include <sys/prctl.h>
 #include <stdarg.h>
 #include <string.h>
 #include <time.h>
@@ -596,6 +597,35 @@ static PyObject *heap_open(HeapObject *self, PyObject *arg)
     return (PyObject *)buffer_new(self, hd, ptr, size, BUF_BORROWED);
 }
 
+/* _adopt(handle): open a block whose ownership was handed to us. */
+static PyObject *heap_adopt(HeapObject *self, PyObject *arg)
+{
+    BufferObject *b = (BufferObject *)heap_open(self, arg);
+
+    if (b != NULL)
+        b->state = BUF_OWNED;
+    return (PyObject *)b;
+}
+
+/* give(buf, pid): make pid the owner of buf; buf is dead here after. */
+static PyObject *heap_give(HeapObject *self, PyObject *args)
+{
+    BufferObject *b;
+    long pid;
+    int rc;
+
+    if (!PyArg_ParseTuple(args, "O!l", &BufferType, &b, &pid) ||
+        !heap_usable(self) || !buffer_movable(b, "give away") ||
+        !buffer_live(b))
+        return NULL;
+    rc = llm_give(self->h, b->handle, (pid_t)pid);
+    if (rc != 0)
+        return raise_code(rc, "give of buffer %#llx to pid %ld",
+                          (unsigned long long)b->handle, pid);
+    buffer_kill(b, "given away");
+    Py_RETURN_NONE;
+}
+
 static PyObject *heap_reclaim(HeapObject *self, PyObject *arg)
 {
     long pid = PyLong_AsLong(arg);
@@ -782,6 +812,9 @@ static PyMethodDef heap_methods[] = {
       "free(buf): give a Buffer (or a handle) back to the heap." },
     { "open", (PyCFunction)heap_open, METH_O,
       "open(handle) -> Buffer: a block another process allocated." },
+    { "_adopt", (PyCFunction)heap_adopt, METH_O, NULL },
+    { "give", (PyCFunction)heap_give, METH_VARARGS,
+      "give(buf, pid): hand buf over to process pid; buf is dead here." },
     { "reclaim", (PyCFunction)heap_reclaim, METH_O,
       "reclaim(pid): give back all a dead process owned." },
     { "trim", (PyCFunction)heap_trim, METH_NOARGS,
@@ -1154,6 +1187,18 @@ static PyMemberDef chan_members[] = {
     { NULL }
 };
 
+static PyObject *chan_get_queued(ChanObject *c, void *Py_UNUSED(x))
+{
+    struct llm_chan_stats st;
+
+    if (!heap_usable(c->heap))
+        return NULL;
+    if (llm_chan_stats(c->heap->h, c->id, &st) != 0)
+        return raise_code(LLM_ECLOSED, "channel %#llx",
+                          (unsigned long long)c->id);
+    return PyLong_FromUnsignedLong(st.queued);
+}
+
 static PyObject *chan_get_heap(ChanObject *c, void *Py_UNUSED(x))
 {
     Py_INCREF(c->heap);
@@ -1162,6 +1207,8 @@ static PyObject *chan_get_heap(ChanObject *c, void *Py_UNUSED(x))
 
 static PyGetSetDef chan_getset[] = {
     { "heap", (getter)chan_get_heap, NULL, "The channel's heap.", NULL },
+    { "queued", (getter)chan_get_queued, NULL,
+      "Messages sent and not yet received.", NULL },
     { "handle", (getter)chan_get_handle, NULL,
       "The id senders open the channel by.", NULL },
     { "spin_us", (getter)chan_get_spin, (setter)chan_set_spin,
@@ -1435,7 +1482,32 @@ static PyTypeObject SyncType = {
 
 /* ---- module ---- */
 
+/* set_pdeathsig(sig): the signal this process gets when its parent dies. */
+static PyObject *core_set_pdeathsig(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    long sig = PyLong_AsLong(arg);
+
+    if (sig == -1 && PyErr_Occurred())
+        return NULL;
+    if (prctl(PR_SET_PDEATHSIG, sig) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+/* set_child_subreaper(): orphans of our descendants become our children. */
+static PyObject *core_set_subreaper(PyObject *Py_UNUSED(m),
+                                    PyObject *Py_UNUSED(a))
+{
+    if (prctl(PR_SET_CHILD_SUBREAPER, 1) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef core_methods[] = {
+    { "set_pdeathsig", (PyCFunction)core_set_pdeathsig, METH_O,
+      "set_pdeathsig(sig): get sig when the parent process dies." },
+    { "set_child_subreaper", (PyCFunction)core_set_subreaper, METH_NOARGS,
+      "set_child_subreaper(): adopt orphaned descendants." },
     { "unlink", (PyCFunction)core_unlink, METH_O,
       "unlink(name) -> bool: remove a heap's name from the system." },
     { NULL }

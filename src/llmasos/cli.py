@@ -16,7 +16,9 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn, TypeAlias
 
+from llmasos.commands import add_commands
 from llmasos.errors import LLMasOSError
+from llmasos.manifest import ManifestError
 from llmasos.sched.policies import POLICY_NAMES, UnknownPolicyError
 from llmasos.sched.simulate import (
     TraceError,
@@ -31,7 +33,7 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 # Failures caused by what the user typed or supplied, reported as usage errors.
-_BAD_INPUT = (TraceError, UnknownPolicyError)
+_BAD_INPUT = (TraceError, UnknownPolicyError, ManifestError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,6 +70,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="LLMasOS, a user-space microkernel for microservices.",
     )
     groups = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    add_commands(groups)
     _add_sched(groups)
     return parser
 

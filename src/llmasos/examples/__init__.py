@@ -1,0 +1,1 @@
+"""Example services, used by the demo and the tests."""

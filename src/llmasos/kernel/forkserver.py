@@ -1,0 +1,186 @@
+"""The fork server: a preloaded template process that forks replicas.
+
+The kernel forks it once at boot.  It imports LLMasOS and the modules of the
+services named in the manifest, then waits on a socket for spawn requests;
+for each it forks a child that is ready to run at once, with no interpreter
+to start and nothing to import.  It reaps its children and reports every
+exit to the kernel.
+
+Messages, one JSON object a line:
+
+    kernel -> server   {"op": "spawn", "id": N, "spec": {...}}
+                       {"op": "preload", "module": "pkg.mod"}
+    server -> kernel   {"op": "spawned", "id": N, "pid": P}
+                       {"op": "exit", "pid": P, "code": C}
+                       (C is the exit code, or minus the signal number)
+
+The server dies with the kernel (PR_SET_PDEATHSIG), and every replica dies
+with the server, so killing the kernel leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import traceback
+from typing import Any
+
+from llmasos import _core
+
+
+def start(preload: list[str]) -> tuple[int, socket.socket]:
+    """Fork the server; returns its pid and the kernel's end of its socket."""
+    ours, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        ours.close()
+        code = 0
+        try:
+            _Server(theirs, preload).serve()
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        os._exit(code)
+    theirs.close()
+    return pid, ours
+
+
+class _Server:
+    def __init__(self, sock: socket.socket, preload: list[str]) -> None:
+        _core.set_pdeathsig(signal.SIGKILL)
+        os.setpgid(0, 0)  # Ctrl-C in the terminal goes to the kernel only
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        self.sock = sock
+        self.pending = b""
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda *a: None)
+        for module in preload:
+            self._preload(module)
+
+    def _preload(self, module: str) -> None:
+        try:
+            importlib.import_module(module)
+        except Exception:
+            traceback.print_exc()  # the replica will fail, and say why
+
+    def serve(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self.sock, selectors.EVENT_READ, "kernel")
+        sel.register(self.wake_r, selectors.EVENT_READ, "signal")
+        while True:
+            for key, _ in sel.select():
+                if key.data == "signal":
+                    self._drain_wakeups()
+                    self._reap()
+                elif not self._request():
+                    return
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self.wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _request(self) -> bool:
+        """Handle every whole line that arrived; False once the kernel is gone."""
+        data = self.sock.recv(65536)
+        if not data:
+            return False
+        *lines, self.pending = (self.pending + data).split(b"\n")
+        for line in lines:
+            msg = json.loads(line)
+            if msg["op"] == "spawn":
+                pid = self._spawn(msg["spec"])
+                self._send({"op": "spawned", "id": msg["id"], "pid": pid})
+            elif msg["op"] == "preload":
+                self._preload(msg["module"])
+        return True
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        self.sock.sendall((json.dumps(msg) + "\n").encode())
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self._send({"op": "exit", "pid": pid, "code": os.waitstatus_to_exitcode(status)})
+
+    def _spawn(self, spec: dict[str, Any]) -> int:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(_child(spec, self))
+        return pid
+
+
+def _child(spec: dict[str, Any], server: _Server) -> int:
+    """The first moments of a replica: cut from the server, then run."""
+    try:
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+        server.sock.close()
+        os.close(server.wake_r)
+        os.close(server.wake_w)
+        _core.set_pdeathsig(signal.SIGKILL)
+        _redirect(spec["log"])
+        _apply_os_settings(spec)
+        os.environ.update(spec["env"])
+        from llmasos import runtime
+
+        code = runtime.run(spec)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    return code
+
+
+def _redirect(path: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+
+
+def _apply_os_settings(spec: dict[str, Any]) -> None:
+    """Nice value, CPU affinity and real-time policy, with one clear warning
+    (in the replica's log) where the machine refuses."""
+    if spec.get("nice"):
+        _try(lambda: os.nice(spec["nice"]), f"nice {spec['nice']}")
+    if spec.get("cpu_affinity"):
+        cpus = set(spec["cpu_affinity"])
+        _try(lambda: os.sched_setaffinity(0, cpus), f"CPU affinity {sorted(cpus)}")
+    policy = {"fifo": os.SCHED_FIFO, "rr": os.SCHED_RR}.get(spec.get("os_policy", ""))
+    if policy is not None:
+        param = os.sched_param(spec.get("rt_priority", 1))
+        _try(lambda: os.sched_setscheduler(0, policy, param), f"{spec['os_policy']} scheduling")
+
+
+def _try(action: Any, what: str) -> None:
+    try:
+        action()
+    except OSError as exc:
+        print(
+            f"llmasos: warning: {what} refused by the machine ({exc.strerror}); "
+            "running without it",
+            file=sys.stderr,
+        )
