@@ -183,7 +183,7 @@ int llm_chan_destroy(llm_heap *h, llm_chan_id id)
     /* blocks still queued belong to us, the receiver: free them */
     for (uint64_t p = atomic_load(&c->head); p != atomic_load(&c->tail); p++) {
         struct llm_slot *s = (struct llm_slot *)chan_slot(h, c, p);
-        if (s->kind != LLM_MSG_BYTES)
+        if (s->kind == LLM_MSG_BLOCK || s->kind == LLM_MSG_BLOB)
             llm_free(h, s->handle);
     }
     chan_release_entry(h, c);
@@ -276,20 +276,18 @@ int llm_chan_send(llm_heap *h, llm_chan_id id, const struct llm_msg *msg,
     }
 
     s = (struct llm_slot *)chan_slot(h, c, tail);
-    if (msg->kind != LLM_MSG_BYTES) {
+    if (msg->kind == LLM_MSG_BLOCK || msg->kind == LLM_MSG_BLOB) {
         c->pend_pid = h->pid;
         c->pend_pos = tail;
         c->pend_handle = msg->handle;
         c->pend_stage = 1;
-        rc = msg->kind == LLM_MSG_BLOCK
-                 ? llm_give(h, msg->handle, atomic_load(&c->receiver))
-                 : 0;
+        rc = llm_give(h, msg->handle, atomic_load(&c->receiver));
         if (rc != 0) {
             c->pend_stage = 0;
             mutex_release(&c->send_lock);
             return rc;
         }
-    } else {
+    } else if (msg->kind == LLM_MSG_BYTES) {
         memcpy(s + 1, msg->data, msg->len);
     }
     s->kind = msg->kind;

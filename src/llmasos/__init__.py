@@ -27,6 +27,7 @@ from llmasos.errors import (
 )
 from llmasos.heap import Buffer, Heap, HeapStats
 from llmasos.sync import Event, Lock, Semaphore
+from llmasos.process import fork, getpid, kill, spawn, wait
 from llmasos.client import RemoteError, ReplicaDied, ServiceUnavailable, aconnect, connect
 
 __version__ = "0.1.0"
@@ -96,8 +97,13 @@ __all__ = [
     "Semaphore",
     "Sender",
     "StaleHandle",
+    "fork",
     "free",
+    "getpid",
+    "kill",
     "malloc",
+    "spawn",
+    "wait",
     "system_heap",
     "use_heap",
 ]

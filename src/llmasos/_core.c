@@ -22,7 +22,7 @@
 
 #include "llmasos/llmasos.h"
 
-#define KIND_BLOB LLM_MSG_USER /* bytes too large for a slot, in a block */
+#define KIND_BLOB LLM_MSG_BLOB
 
 static PyObject *exc_heap, *exc_layout, *exc_handle, *exc_stale, *exc_double,
     *exc_huge, *exc_closed, *exc_internal;

@@ -34,6 +34,7 @@ typedef uint64_t llm_chan_id;
 enum llm_msg_kind {
     LLM_MSG_BYTES = 1,  /* inline bytes */
     LLM_MSG_BLOCK = 2,  /* a block handle; the receiver now owns the block */
+    LLM_MSG_BLOB = 3,   /* bytes in a block, owned (and freed) by the receiver */
     LLM_MSG_USER = 16,  /* first kind free for callers (carried as is) */
 };
 
