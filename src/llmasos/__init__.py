@@ -41,11 +41,17 @@ def system_heap() -> Heap:
     """The heap of the system this process belongs to, attached on first use.
 
     The kernel names it in the environment variable ``LLMASOS_HEAP`` of every
-    process it starts; ``use_heap`` sets it by hand.
+    process it starts; ``use_heap`` sets it by hand.  Any other process asks
+    the kernel of its system (``$LLMASOS_SYSTEM``, or the only one running),
+    which then reclaims what the process allocated when it exits.
     """
     global _system_heap
     if _system_heap is None or _system_heap.closed:
         name = os.environ.get(HEAP_ENV)
+        if not name and _kernel_reachable():
+            from llmasos import client
+
+            return client._process(None).heap
         if not name:
             raise NoSystem(
                 "this process does not belong to an LLMasOS system: no heap "
@@ -54,6 +60,16 @@ def system_heap() -> Heap:
             )
         _system_heap = Heap.attach(name)
     return _system_heap
+
+
+def _kernel_reachable() -> bool:
+    from llmasos import control
+
+    try:
+        control.default_system()
+    except NoSystem:
+        return False
+    return True
 
 
 def use_heap(heap: Heap | None) -> None:

@@ -146,12 +146,9 @@ class _Thread:
 def _system_heap(name: str) -> Heap:
     import llmasos
 
-    try:
-        heap = llmasos.system_heap()
-        if heap.name == name:
-            return heap
-    except LLMasOSError:
-        pass
+    heap = llmasos._system_heap
+    if heap is not None and not heap.closed and heap.name == name:
+        return heap
     heap = Heap.attach(name)
     llmasos.use_heap(heap)
     return heap

@@ -249,3 +249,15 @@ def add_commands(groups: Any) -> None:
     p.add_argument("-n", "--lines", type=int, default=50)
     command("mem", "show heap pages per process and service (M = N x S)", run_mem)
     command("shutdown", "stop every service and the kernel", run_shutdown)
+    p = groups.add_parser(
+        "demo", help="boot a small system, load it, kill a replica, report",
+        description="Boot a built-in system, drive a load through it, kill a "
+        "replica and watch it come back, print a report and shut down.")
+    p.add_argument("--rounds", type=int, default=2000, help="rounds of calls (default 2000)")
+    p.set_defaults(run=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from llmasos import demo
+
+    return demo.run(args.rounds)

@@ -390,6 +390,10 @@ class Kernel:
         self.watch(pid, Proc(pid, kind, service=service, state="ready", parent=parent))
 
     async def op_ready(self, pid: int, service: str, replica: int, channel: int) -> None:
+        # A quick replica can say it is ready before its spawn is recorded.
+        deadline = time.monotonic() + 5
+        while pid not in self.procs and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
         proc = self.procs.get(pid)
         if proc is None:
             raise KernelError(f"pid {pid} is not a replica of this system")
