@@ -75,7 +75,8 @@ class ServiceUnavailable(LLMasOSError):
 
 @functools.cache
 def _remote_class(type_name: str) -> type[RemoteError]:
-    base = getattr(builtins, type_name, None)
+    # DeadlineExceeded: the callee dropped the call unrun; a kind of timeout.
+    base = TimeoutError if type_name == "DeadlineExceeded" else getattr(builtins, type_name, None)
     bases: tuple[type, ...] = (RemoteError,)
     if isinstance(base, type) and issubclass(base, Exception):
         try:

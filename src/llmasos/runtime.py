@@ -1,14 +1,24 @@
-"""The inside of a replica: the loop that receives calls and runs them.
+"""The inside of a replica: receive calls, schedule them, run them, reply.
 
 A replica is a process started by the kernel's fork server.  It attaches the
 system's heap, makes an instance of its service class, opens the channel its
-callers send to, tells the kernel it is ready, and then serves: receive a
-request, run the method on this very thread (handing a request to another
-thread would cost as much as the whole call), send the reply.  Coroutine
-methods run on an event loop owned by this thread.
+callers send to, tells the kernel it is ready, and serves.
+
+Scheduling.  Requests are drained from the channel eagerly into a run queue
+ordered by the service's policy (``fifo``, ``priority``, ``hrrn``, ``edf``; see
+``llmasos.sched``), so the policy sees all the waiting work, not only the head
+of the channel.  ``workers`` threads serve as leader and followers: one of
+them (the leader) waits on the channel; the thread that receives drains the
+channel and runs the best request itself, waking another worker to lead only
+when that request is expected to be slow or more are queued.  In the common
+case the request therefore runs on the thread that received it: handing a
+request from one thread to another costs as much as the whole call.  Coroutine methods run on an event loop of their own thread.
+At most ``max_in_flight`` requests are in progress at once.  A request whose
+deadline (from the caller's timeout) has passed is answered with
+``DeadlineExceeded`` and never run.
 
 Errors raised by a method go back to the caller with their type, message and
-traceback; the replica carries on.  SIGTERM ends the loop between requests.
+traceback; the replica carries on.  SIGTERM ends it.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import importlib
 import inspect
 import os
 import signal
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -28,8 +39,14 @@ from llmasos.channel import Channel, Sender
 from llmasos.codec import Decoder, Encoder
 from llmasos.errors import ChannelClosed
 from llmasos.heap import Buffer, Heap
+from llmasos.sched.policies import DurationEstimator, Request, make_policy
 
 REPLICA_ENV = "LLMASOS_REPLICA"  # "service/index" in every replica
+
+# A call expected to take longer than this hands the channel to another
+# worker while it runs; a quicker one keeps it, as waking a thread would cost
+# more than the call.
+HAND_OVER_S = 0.0005
 
 
 def load_entry(entry: str) -> type:
@@ -59,63 +76,197 @@ def _stop(signum: int, frame: object) -> None:
     raise _Stop
 
 
+class _Codecs(threading.local):
+    def __init__(self, heap: Heap) -> None:
+        self.encoder, self.decoder = Encoder(heap), Decoder(heap)
+
+
 class Replica:
     """One replica serving one service instance on one channel."""
 
-    def __init__(self, service: str, index: int, obj: object, heap: Heap) -> None:
+    def __init__(self, service: str, index: int, obj: object, heap: Heap,
+                 spec: dict[str, Any] | None = None) -> None:
+        spec = spec or {}
         self.service, self.index, self.heap = service, index, heap
         self.methods = public_methods(obj)
         self.channel = Channel.create(heap, capacity=1024)
-        self.encoder, self.decoder = Encoder(heap), Decoder(heap)
+        self.codecs = _Codecs(heap)
         self.senders: dict[int, Sender] = {}
+        methods = spec.get("methods", {})
+        self.estimator = DurationEstimator(priors={
+            m: v["expected_ms"] / 1e3 for m, v in methods.items() if v.get("expected_ms")
+        })
+        self.queue = make_policy(
+            spec.get("policy", "fifo"),
+            method_priorities={m: v.get("priority", 0) for m, v in methods.items()},
+            estimator=self.estimator,
+        )
+        self.workers = max(1, spec.get("workers", 1))
+        self.max_in_flight = max(1, spec.get("max_in_flight", 64))
+        self.cond = threading.Condition()
+        self.leader = False
+        self.in_flight = 0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.calls = 0
 
+    # ---- serving ----
+
     def serve(self) -> None:
-        """Receive and run calls until SIGTERM."""
+        """Serve until SIGTERM (the main thread is one of the workers)."""
         signal.signal(signal.SIGTERM, _stop)
+        for i in range(self.workers - 1):
+            threading.Thread(target=self._work, name=f"worker-{i + 1}", daemon=True).start()
         try:
-            while True:
-                self.handle(self.channel.recv())
+            self._work()
         except _Stop:
             pass
         finally:
             self.channel.destroy()
 
-    def handle(self, msg: bytes) -> None:
-        req_id, method, args, kwargs, reply, caller, deadline, _prio = (
-            self.decoder.unpack(msg)
-        )
-        if deadline and time.monotonic_ns() > deadline:
-            value: Any = ["DeadlineExceeded", "the call's deadline passed before it ran", ""]
-            ok = False
-        else:
-            ok, value = self.run(method, args, kwargs)
-        self.reply(reply, caller, [req_id, ok, value])
+    def _work(self) -> None:
+        while True:
+            req = self._next()
+            self._run(req)
 
-    def run(self, method: str, args: list, kwargs: dict) -> tuple[bool, Any]:
+    def _next(self) -> Request:
+        """The best request to run now; leads the wait on the channel when
+        nobody else does."""
+        with self.cond:
+            while True:
+                req = self._pop()
+                if req is not None:
+                    return req
+                if not self.leader:
+                    self.leader = True
+                    break
+                self.cond.wait()
+        try:
+            first = self.channel.recv()
+        except BaseException:
+            with self.cond:
+                self.leader = False
+            raise
+        with self.cond:
+            req = self._request(first)
+            self._drain()  # still the leader: the channel is ours alone
+            self.leader = False
+            if len(self.queue) == 0 and self.in_flight < self.max_in_flight:
+                self.in_flight += 1
+                if self.estimator.estimate(req.method) > HAND_OVER_S:
+                    self._wake()  # a slow call: let another thread lead
+                return req  # the common case: run it on this thread
+            self.queue.push(req)
+            req = self._pop()
+            self._wake()
+        return req if req is not None else self._next()
+
+    def _wake(self) -> None:
+        """Wake a follower, if there is one; cond held."""
+        if self.workers > 1:
+            self.cond.notify()
+
+    def _pop(self) -> Request | None:
+        """Pop the best request if one may start; cond held.
+
+        The channel has one consumer: while a leader waits on it nobody else
+        may drain it (when no thread leads, none is inside recv).
+        """
+        if not self.leader:
+            self._drain()
+        if self.in_flight >= self.max_in_flight:
+            return None
+        req = self.queue.pop()
+        for expired in self.queue.take_expired():
+            self._reply_error(expired.payload, "DeadlineExceeded",
+                              "the call's deadline passed before it could run")
+        if req is not None:
+            self.in_flight += 1
+        return req
+
+    def _drain(self) -> None:
+        """Move every message waiting in the channel to the run queue."""
+        while True:
+            try:
+                msg = self.channel.recv_nowait()
+            except BlockingIOError:
+                return
+            self.queue.push(self._request(msg))
+
+    def _request(self, msg: bytes) -> Request:
+        req_id, method, args, kwargs, reply, caller, deadline, prio = (
+            self.codecs.decoder.unpack(msg)
+        )
+        return Request(
+            name=str(req_id),
+            arrival=time.monotonic(),
+            method=method,
+            priority=prio if prio else None,
+            deadline=deadline / 1e9 if deadline else None,
+            payload=(req_id, method, args, kwargs, reply, caller),
+        )
+
+    def _run(self, req: Request) -> None:
+        req_id, method, args, kwargs, reply, caller = req.payload
+        if req.deadline is not None and time.monotonic() >= req.deadline:
+            self._done()
+            self._reply_error(req.payload, "DeadlineExceeded",
+                              "the call's deadline passed before it could run")
+            return
+        t0 = time.perf_counter()
+        ok, value = self._call(method, args, kwargs)
+        if ok and inspect.isawaitable(value):
+            self._start_async(req, value)
+            return
+        self.estimator.record(method, time.perf_counter() - t0)
+        self._done()
+        self._reply(reply, caller, [req_id, ok, value])
+
+    def _done(self) -> None:
+        with self.cond:
+            self.in_flight -= 1
+            if len(self.queue) or self.in_flight + 1 >= self.max_in_flight:
+                self._wake()
+
+    def _call(self, method: str, args: list, kwargs: dict) -> tuple[bool, Any]:
         fn = self.methods.get(method)
         try:
             if fn is None:
-                raise AttributeError(
-                    f"service {self.service!r} has no method {method!r}"
-                )
+                raise AttributeError(f"service {self.service!r} has no method {method!r}")
             value = fn(*args, **kwargs)
-            if inspect.isawaitable(value):
-                value = self._await(value)
             self.calls += 1
             return True, value
         except Exception as exc:
             return False, [type(exc).__name__, str(exc), traceback.format_exc()]
 
-    def _await(self, value: Any) -> Any:
+    def _start_async(self, req: Request, coro: Any) -> None:
+        """Run a coroutine on the replica's event loop; reply when it ends."""
         if self.loop is None:
             self.loop = asyncio.new_event_loop()
-        return self.loop.run_until_complete(value)
+            threading.Thread(target=self.loop.run_forever, name="loop", daemon=True).start()
+        req_id, method, _args, _kwargs, reply, caller = req.payload
+        t0 = time.perf_counter()
 
-    def reply(self, handle: int, caller: int, message: list) -> None:
+        async def run() -> None:
+            try:
+                value = await coro
+                message = [req_id, True, value]
+            except Exception as exc:
+                message = [req_id, False, [type(exc).__name__, str(exc), traceback.format_exc()]]
+            self.estimator.record(method, time.perf_counter() - t0)
+            self._done()
+            self._reply(reply, caller, message)
+
+        asyncio.run_coroutine_threadsafe(run(), self.loop)
+
+    # ---- replies ----
+
+    def _reply_error(self, payload: tuple, kind: str, message: str) -> None:
+        req_id, _method, _args, _kwargs, reply, caller = payload
+        self._reply(reply, caller, [req_id, False, [kind, message, ""]])
+
+    def _reply(self, handle: int, caller: int, message: list) -> None:
         """Send the reply; blocks made or returned move to the caller."""
-        enc = self.encoder
+        enc = self.codecs.encoder
         try:
             data = enc.pack(message)
         except Exception as exc:
@@ -148,7 +299,7 @@ def run(spec: dict[str, Any]) -> int:
     if spec.get("quota_pages"):
         heap.set_quota(os.getpid(), spec["quota_pages"])
     obj = load_entry(spec["entry"])()
-    replica = Replica(spec["service"], spec["replica"], obj, heap)
+    replica = Replica(spec["service"], spec["replica"], obj, heap, spec)
     control.request(
         "ready",
         system=spec["system"],

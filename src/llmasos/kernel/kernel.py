@@ -238,6 +238,13 @@ class Kernel:
             "cpu_affinity": list(spec.cpu_affinity),
             "os_policy": spec.os_policy,
             "rt_priority": spec.rt_priority,
+            "policy": spec.policy,
+            "workers": spec.workers,
+            "max_in_flight": spec.max_in_flight,
+            "methods": {
+                m.name: {"priority": m.priority, "expected_ms": m.expected_ms}
+                for m in spec.methods.values()
+            },
             "log": str(self.log_path(service, index)),
         })
         proc = Proc(pid, "replica", service, index, restarts=svc.restarts.get(index, 0))
