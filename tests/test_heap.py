@@ -8,9 +8,9 @@ import signal
 
 import numpy as np
 import pytest
-from conftest import exit_code, fork_child, kill_and_wait, unique_name
 
 import llmasos
+from conftest import exit_code, fork_child, kill_and_wait, unique_name
 from llmasos.errors import (
     DoubleFree,
     HugePagesUnavailable,

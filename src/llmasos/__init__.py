@@ -16,6 +16,13 @@ from __future__ import annotations
 import os
 
 from llmasos.channel import Channel, Sender
+from llmasos.client import (
+    RemoteError,
+    ReplicaDied,
+    ServiceUnavailable,
+    aconnect,
+    connect,
+)
 from llmasos.errors import (
     ChannelClosed,
     DoubleFree,
@@ -26,9 +33,8 @@ from llmasos.errors import (
     StaleHandle,
 )
 from llmasos.heap import Buffer, Heap, HeapStats
-from llmasos.sync import Event, Lock, Semaphore
 from llmasos.process import fork, getpid, kill, spawn, wait
-from llmasos.client import RemoteError, ReplicaDied, ServiceUnavailable, aconnect, connect
+from llmasos.sync import Event, Lock, Semaphore
 
 __version__ = "0.1.0"
 

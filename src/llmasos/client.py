@@ -50,8 +50,13 @@ class RemoteError(LLMasOSError):
 
     type_name = "Exception"
 
-    def __init__(self, message: str, service: str = "", replica: int = -1,
-                 remote_traceback: str = "") -> None:
+    def __init__(
+        self,
+        message: str,
+        service: str = "",
+        replica: int = -1,
+        remote_traceback: str = "",
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.service = service
@@ -76,7 +81,11 @@ class ServiceUnavailable(LLMasOSError):
 @functools.cache
 def _remote_class(type_name: str) -> type[RemoteError]:
     # DeadlineExceeded: the callee dropped the call unrun; a kind of timeout.
-    base = TimeoutError if type_name == "DeadlineExceeded" else getattr(builtins, type_name, None)
+    base = (
+        TimeoutError
+        if type_name == "DeadlineExceeded"
+        else getattr(builtins, type_name, None)
+    )
     bases: tuple[type, ...] = (RemoteError,)
     if isinstance(base, type) and issubclass(base, Exception):
         try:
@@ -117,7 +126,9 @@ class _Process:
         with self.lock:
             return self.control.request(op, **args)
 
-    def replicas(self, service: str, refresh: bool = False) -> tuple[list[_Replica], frozenset[str]]:
+    def replicas(
+        self, service: str, refresh: bool = False
+    ) -> tuple[list[_Replica], frozenset[str]]:
         if refresh or service not in self.registry:
             found = self.request("resolve", service=service)
             reps = [
@@ -182,8 +193,13 @@ os.register_at_fork(after_in_child=_forget_after_fork)
 class ServiceProxy:
     """Calls the methods of a service: ``proxy.method(*args, **kwargs)``."""
 
-    def __init__(self, service: str, system: str | None = None,
-                 timeout: float | None = None, priority: int = 0) -> None:
+    def __init__(
+        self,
+        service: str,
+        system: str | None = None,
+        timeout: float | None = None,
+        priority: int = 0,
+    ) -> None:
         self._service = service
         self._system = system
         self._timeout = timeout
@@ -213,7 +229,9 @@ class ServiceProxy:
                     raise
         raise AssertionError("unreachable")
 
-    def _ready(self, proc: _Process, deadline: float | None) -> tuple[list[_Replica], frozenset[str]]:
+    def _ready(
+        self, proc: _Process, deadline: float | None
+    ) -> tuple[list[_Replica], frozenset[str]]:
         until = time.monotonic() + RESOLVE_WAIT_S if deadline is None else deadline
         refresh = False
         while True:
@@ -246,15 +264,32 @@ class ServiceProxy:
         self._last = best
         return best
 
-    def _call_once(self, proc: _Process, rep: _Replica, method: str,
-                   args: tuple, kwargs: dict, deadline: float | None) -> Any:
+    def _call_once(
+        self,
+        proc: _Process,
+        rep: _Replica,
+        method: str,
+        args: tuple,
+        kwargs: dict,
+        deadline: float | None,
+    ) -> Any:
         ctx = proc.thread()
         req_id = next(ctx.ids)
         dl_ns = 0 if deadline is None else int(deadline * 1e9)
         enc = ctx.encoder
         try:
-            data = enc.pack([req_id, method, [prepare(a) for a in args], kwargs,
-                             ctx.reply.handle, ctx.pid, dl_ns, self._priority])
+            data = enc.pack(
+                [
+                    req_id,
+                    method,
+                    [prepare(a) for a in args],
+                    kwargs,
+                    ctx.reply.handle,
+                    ctx.pid,
+                    dl_ns,
+                    self._priority,
+                ]
+            )
             rep.sender.send(data, timeout=_left(deadline))
             ok, value = self._wait(ctx, rep, req_id, method, deadline)
         finally:
@@ -265,12 +300,20 @@ class ServiceProxy:
             raise remote_error(value, self._service, rep.index)
         return value
 
-    def _wait(self, ctx: _Thread, rep: _Replica, req_id: int, method: str,
-              deadline: float | None) -> tuple[bool, Any]:
+    def _wait(
+        self,
+        ctx: _Thread,
+        rep: _Replica,
+        req_id: int,
+        method: str,
+        deadline: float | None,
+    ) -> tuple[bool, Any]:
         while True:
             left = _left(deadline)
             try:
-                msg = ctx.reply.recv(timeout=CHECK_S if left is None else min(left, CHECK_S))
+                msg = ctx.reply.recv(
+                    timeout=CHECK_S if left is None else min(left, CHECK_S)
+                )
             except TimeoutError:
                 self._check(rep, method, deadline)
                 continue
@@ -305,8 +348,13 @@ def _left(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
-def connect(service: str, system: str | None = None, *, timeout: float | None = None,
-            priority: int = 0) -> ServiceProxy:
+def connect(
+    service: str,
+    system: str | None = None,
+    *,
+    timeout: float | None = None,
+    priority: int = 0,
+) -> ServiceProxy:
     """A proxy calling ``service`` of ``system`` (default: this process's)."""
     return ServiceProxy(service, system, timeout, priority)
 
@@ -322,12 +370,19 @@ class AsyncServiceProxy:
 
         async def acall(*args: Any, **kwargs: Any) -> Any:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(None, functools.partial(call, *args, **kwargs))
+            return await loop.run_in_executor(
+                None, functools.partial(call, *args, **kwargs)
+            )
 
         return acall
 
 
-def aconnect(service: str, system: str | None = None, *, timeout: float | None = None,
-             priority: int = 0) -> AsyncServiceProxy:
+def aconnect(
+    service: str,
+    system: str | None = None,
+    *,
+    timeout: float | None = None,
+    priority: int = 0,
+) -> AsyncServiceProxy:
     """The asyncio variant of ``connect``."""
     return AsyncServiceProxy(ServiceProxy(service, system, timeout, priority))

@@ -25,7 +25,9 @@ from llmasos.units import format_size
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     """Rows as an aligned text table with a header."""
     cells = [[str(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
+    widths = [
+        max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)
+    ]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     for row in cells:
         lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
@@ -39,11 +41,16 @@ def emit(args: argparse.Namespace, result: Any, text: str) -> int:
 
 def run_boot(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.manifest)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s"
+    )
     from llmasos.kernel import boot
 
     if not args.detach:
-        boot(manifest, ready=lambda: print(f"system {manifest.system.name!r} booting", flush=True))
+        boot(
+            manifest,
+            ready=lambda: print(f"system {manifest.system.name!r} booting", flush=True),
+        )
         return 0
     return _boot_detached(manifest)
 
@@ -93,10 +100,16 @@ def _wait_booted(name: str, kernel: int, log_path: Any) -> int:
     while time.monotonic() < deadline:
         if not _alive(kernel):
             tail = log_path.read_text().splitlines()[-1:]
-            print("llmasos: error: the kernel exited: " + " / ".join(tail), file=sys.stderr)
+            print(
+                "llmasos: error: the kernel exited: " + " / ".join(tail),
+                file=sys.stderr,
+            )
             return 1
         if _all_ready(name, kernel):
-            print(f"system {name!r} ready (kernel pid {kernel}); logs in {log_path.parent}")
+            print(
+                f"system {name!r} ready (kernel pid {kernel}); "
+                f"logs in {log_path.parent}"
+            )
             return 0
         time.sleep(0.02)
     print(f"llmasos: error: system {name!r} not ready after 60 s", file=sys.stderr)
@@ -118,13 +131,21 @@ def _all_ready(name: str, kernel: int) -> bool:
         return False
     if ps["kernel"] != kernel:
         return False
-    return all(s["ready"] >= s["replicas"] or s["failed"] for s in ps["services"].values())
+    return all(
+        s["ready"] >= s["replicas"] or s["failed"] for s in ps["services"].values()
+    )
 
 
 def run_ps(args: argparse.Namespace) -> int:
     ps = control.request("ps", system=args.system)
-    rows = [{**r, "replica": r["replica"] if r["replica"] >= 0 else "-"} for r in ps["procs"]]
-    text = table(rows, ["pid", "kind", "service", "replica", "state", "restarts", "pages", "uptime_s"])
+    rows = [
+        {**r, "replica": r["replica"] if r["replica"] >= 0 else "-"}
+        for r in ps["procs"]
+    ]
+    text = table(
+        rows,
+        ["pid", "kind", "service", "replica", "state", "restarts", "pages", "uptime_s"],
+    )
     return emit(args, ps, f"system {ps['system']} (kernel pid {ps['kernel']})\n{text}")
 
 
@@ -154,10 +175,17 @@ def run_call(args: argparse.Namespace) -> int:
 def run_deploy(args: argparse.Namespace) -> int:
     path = os.path.abspath(args.manifest)
     services = [args.service] if args.service else list(load_manifest(path).services)
-    results = [control.request("deploy", system=args.system, manifest=path, service=s)
-               for s in services]
-    return emit(args, results, "\n".join(
-        f"deployed {r['service']} ({r['replicas']} replicas)" for r in results))
+    results = [
+        control.request("deploy", system=args.system, manifest=path, service=s)
+        for s in services
+    ]
+    return emit(
+        args,
+        results,
+        "\n".join(
+            f"deployed {r['service']} ({r['replicas']} replicas)" for r in results
+        ),
+    )
 
 
 def run_undeploy(args: argparse.Namespace) -> int:
@@ -169,19 +197,29 @@ def run_scale(args: argparse.Namespace) -> int:
     service, sep, count = args.target.partition("=")
     if not sep or not count.isdigit():
         raise SystemExit(f"llmasos scale: expected SERVICE=N, got {args.target!r}")
-    r = control.request("scale", system=args.system, service=service, replicas=int(count))
-    return emit(args, r, f"scaled {service} from {r['was']} to {r['replicas']} replicas")
+    r = control.request(
+        "scale", system=args.system, service=service, replicas=int(count)
+    )
+    return emit(
+        args, r, f"scaled {service} from {r['was']} to {r['replicas']} replicas"
+    )
 
 
 def run_restart(args: argparse.Namespace) -> int:
-    r = control.request("restart", system=args.system, service=args.service,
-                        replica=args.replica)
+    r = control.request(
+        "restart", system=args.system, service=args.service, replica=args.replica
+    )
     return emit(args, r, f"restarted {r['restarted']} replicas of {args.service}")
 
 
 def run_logs(args: argparse.Namespace) -> int:
-    r = control.request("logs", system=args.system, service=args.service,
-                        replica=args.replica, lines=args.lines)
+    r = control.request(
+        "logs",
+        system=args.system,
+        service=args.service,
+        replica=args.replica,
+        lines=args.lines,
+    )
     return emit(args, r, "\n".join(r["lines"]))
 
 
@@ -189,16 +227,27 @@ def run_mem(args: argparse.Namespace) -> int:
     m = control.request("mem", system=args.system)
     S = m["page_size"]
     rows = [
-        {**r, "replica": r["replica"] if r["replica"] >= 0 else "-",
-         "N pages": r["pages"], "S": format_size(S), "M = N x S": format_size(r["bytes"]),
-         "quota": format_size(r["quota_pages"] * S) if r["quota_pages"] else "-"}
+        {
+            **r,
+            "replica": r["replica"] if r["replica"] >= 0 else "-",
+            "N pages": r["pages"],
+            "S": format_size(S),
+            "M = N x S": format_size(r["bytes"]),
+            "quota": format_size(r["quota_pages"] * S) if r["quota_pages"] else "-",
+        }
         for r in m["procs"]
     ]
-    per_proc = table(rows, ["pid", "service", "replica", "N pages", "S", "M = N x S", "quota", "blocks"])
-    svc_rows = [{"service": k, "N pages": v["pages"], "M = N x S": format_size(v["bytes"])}
-                for k, v in sorted(m["services"].items())]
+    per_proc = table(
+        rows,
+        ["pid", "service", "replica", "N pages", "S", "M = N x S", "quota", "blocks"],
+    )
+    svc_rows = [
+        {"service": k, "N pages": v["pages"], "M = N x S": format_size(v["bytes"])}
+        for k, v in sorted(m["services"].items())
+    ]
     text = (
-        f"heap: {m['pages_used']} of {m['pages_total']} pages of {format_size(S)} in use\n\n"
+        f"heap: {m['pages_used']} of {m['pages_total']} pages "
+        f"of {format_size(S)} in use\n\n"
         f"{per_proc}\n\n{table(svc_rows, ['service', 'N pages', 'M = N x S'])}"
     )
     return emit(args, m, text)
@@ -216,31 +265,54 @@ def run_shutdown(args: argparse.Namespace) -> int:
 
 def add_commands(groups: Any) -> None:
     """Add the system commands to the CLI's subparsers."""
-    def command(name: str, help_: str, run: Any, json_: bool = True) -> argparse.ArgumentParser:
-        p = groups.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + ".")
-        p.add_argument("--system", help="the system to talk to (default: the only one running)")
+
+    def command(
+        name: str, help_: str, run: Any, json_: bool = True
+    ) -> argparse.ArgumentParser:
+        p = groups.add_parser(
+            name, help=help_, description=help_[0].upper() + help_[1:] + "."
+        )
+        p.add_argument(
+            "--system", help="the system to talk to (default: the only one running)"
+        )
         if json_:
             p.add_argument("--json", action="store_true", help="print JSON for scripts")
         p.set_defaults(run=run)
         return p
 
-    p = command("boot", "boot a system from a manifest and run its kernel", run_boot, False)
+    p = command(
+        "boot", "boot a system from a manifest and run its kernel", run_boot, False
+    )
     p.add_argument("manifest", metavar="MANIFEST", help="the manifest, a TOML file")
-    p.add_argument("--detach", action="store_true", help="run the kernel in the background")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--detach", action="store_true", help="run the kernel in the background"
+    )
+    p.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
     command("ps", "show the process table", run_ps)
     p = command("call", "call a method of a service", run_call)
     p.add_argument("target", metavar="SERVICE.METHOD")
-    p.add_argument("args", nargs="*", metavar="ARG", help="arguments, JSON or plain strings")
+    p.add_argument(
+        "args", nargs="*", metavar="ARG", help="arguments, JSON or plain strings"
+    )
     p.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
-    p = command("deploy", "start a service of a manifest in the running system", run_deploy)
+    p = command(
+        "deploy", "start a service of a manifest in the running system", run_deploy
+    )
     p.add_argument("manifest", metavar="MANIFEST")
-    p.add_argument("service", metavar="SERVICE", nargs="?", help="default: every service")
-    p = command("undeploy", "stop a service and remove it from the system", run_undeploy)
+    p.add_argument(
+        "service", metavar="SERVICE", nargs="?", help="default: every service"
+    )
+    p = command(
+        "undeploy", "stop a service and remove it from the system", run_undeploy
+    )
     p.add_argument("service", metavar="SERVICE")
     p = command("scale", "change the number of replicas of a service", run_scale)
     p.add_argument("target", metavar="SERVICE=N")
-    p = command("restart", "restart a service's replicas (and clear a failure)", run_restart)
+    p = command(
+        "restart", "restart a service's replicas (and clear a failure)", run_restart
+    )
     p.add_argument("service", metavar="SERVICE")
     p.add_argument("--replica", type=int, help="only this replica")
     p = command("logs", "show the end of a replica's log", run_logs)
@@ -250,10 +322,14 @@ def add_commands(groups: Any) -> None:
     command("mem", "show heap pages per process and service (M = N x S)", run_mem)
     command("shutdown", "stop every service and the kernel", run_shutdown)
     p = groups.add_parser(
-        "demo", help="boot a small system, load it, kill a replica, report",
+        "demo",
+        help="boot a small system, load it, kill a replica, report",
         description="Boot a built-in system, drive a load through it, kill a "
-        "replica and watch it come back, print a report and shut down.")
-    p.add_argument("--rounds", type=int, default=2000, help="rounds of calls (default 2000)")
+        "replica and watch it come back, print a report and shut down.",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=2000, help="rounds of calls (default 2000)"
+    )
     p.set_defaults(run=run_demo)
 
 

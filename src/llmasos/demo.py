@@ -72,12 +72,19 @@ class Load:
             print(f"  call to {service} failed: {exc}")
             return None
         finally:
-            self.times.setdefault(service, []).append((time.perf_counter_ns() - t0) / 1e3)
+            self.times.setdefault(service, []).append(
+                (time.perf_counter_ns() - t0) / 1e3
+            )
 
     def rows(self) -> list[dict[str, Any]]:
         return [
-            {"service": s, "calls": len(t), "errors": self.errors.get(s, 0),
-             "p50 us": f"{_percentile(t, 0.5):.1f}", "p99 us": f"{_percentile(t, 0.99):.1f}"}
+            {
+                "service": s,
+                "calls": len(t),
+                "errors": self.errors.get(s, 0),
+                "p50 us": f"{_percentile(t, 0.5):.1f}",
+                "p99 us": f"{_percentile(t, 0.99):.1f}",
+            }
             for s, t in sorted(self.times.items())
         ]
 
@@ -109,7 +116,9 @@ def drive(load: Load, rounds: int, kill_at: int, name: str) -> int:
 
 def _store_replica_pid(name: str) -> int:
     ps = control.request("ps", system=name)
-    return next(p["pid"] for p in ps["procs"] if p["service"] == "store" and p["replica"] == 0)
+    return next(
+        p["pid"] for p in ps["procs"] if p["service"] == "store" and p["replica"] == 0
+    )
 
 
 def wait_back(name: str, old_pid: int) -> dict[str, Any]:
@@ -117,8 +126,12 @@ def wait_back(name: str, old_pid: int) -> dict[str, Any]:
     while time.monotonic() < deadline:
         ps = control.request("ps", system=name)
         for p in ps["procs"]:
-            if p["service"] == "store" and p["replica"] == 0 and p["pid"] != old_pid \
-                    and p["state"] == "ready":
+            if (
+                p["service"] == "store"
+                and p["replica"] == 0
+                and p["pid"] != old_pid
+                and p["state"] == "ready"
+            ):
                 return p
         time.sleep(0.01)
     raise llmasos.LLMasOSError("the store replica did not come back within 20 s")
@@ -128,13 +141,26 @@ def report(load: Load, name: str) -> None:
     print("\ncalls (client -> service -> client), per service:")
     print(table(load.rows(), ["service", "calls", "errors", "p50 us", "p99 us"]))
     mem = control.request("mem", system=name)
-    rows = [{"service": s, "N pages": v["pages"], "S": format_size(mem["page_size"]),
-             "M = N x S": format_size(v["bytes"])} for s, v in sorted(mem["services"].items())]
+    rows = [
+        {
+            "service": s,
+            "N pages": v["pages"],
+            "S": format_size(mem["page_size"]),
+            "M = N x S": format_size(v["bytes"]),
+        }
+        for s, v in sorted(mem["services"].items())
+    ]
     print("\nheap memory per service:")
     print(table(rows, ["service", "N pages", "S", "M = N x S"]))
     ps = control.request("ps", system=name)
-    rows = [{"service": s, "replicas": f"{v['ready']}/{v['replicas']}", "restarts": v["restarts"]}
-            for s, v in sorted(ps["services"].items())]
+    rows = [
+        {
+            "service": s,
+            "replicas": f"{v['ready']}/{v['replicas']}",
+            "restarts": v["restarts"],
+        }
+        for s, v in sorted(ps["services"].items())
+    ]
     print("\nservices:")
     print(table(rows, ["service", "replicas", "restarts"]))
 
@@ -153,8 +179,10 @@ def run(rounds: int = 2000) -> int:
             t0 = time.monotonic()
             victim = drive(load, rounds, rounds // 2, name)
             back = wait_back(name, victim)
-            print(f"store replica 0 is back: pid {back['pid']}, "
-                  f"restarts {back['restarts']} ({time.monotonic() - t0:.1f} s of load)")
+            print(
+                f"store replica 0 is back: pid {back['pid']}, "
+                f"restarts {back['restarts']} ({time.monotonic() - t0:.1f} s of load)"
+            )
             report(load, name)
         finally:
             _cli("shutdown", "--system", name)

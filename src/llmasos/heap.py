@@ -109,8 +109,7 @@ class Heap(_core.Heap):
         name = name or f"heap-{os.getpid()}-{secrets.token_hex(4)}"
         if page_size < 4096 or page_size & (page_size - 1):
             raise ValueError(
-                f"page_size must be a power of two of at least 4096, "
-                f"got {page_size}"
+                f"page_size must be a power of two of at least 4096, got {page_size}"
             )
         if huge_pages:
             _check_huge_pages(size, page_size)
@@ -148,8 +147,7 @@ class Heap(_core.Heap):
         if self.closed:
             return "<llmasos.Heap closed>"
         return (
-            f"<llmasos.Heap {self.name!r} size={self.size} "
-            f"page_size={self.page_size}>"
+            f"<llmasos.Heap {self.name!r} size={self.size} page_size={self.page_size}>"
         )
 
 

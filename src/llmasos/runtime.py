@@ -12,9 +12,10 @@ them (the leader) waits on the channel; the thread that receives drains the
 channel and runs the best request itself, waking another worker to lead only
 when that request is expected to be slow or more are queued.  In the common
 case the request therefore runs on the thread that received it: handing a
-request from one thread to another costs as much as the whole call.  Coroutine methods run on an event loop of their own thread.
-At most ``max_in_flight`` requests are in progress at once.  A request whose
-deadline (from the caller's timeout) has passed is answered with
+request from one thread to another costs as much as the whole call.
+Coroutine methods run on an event loop of their own thread.  At most
+``max_in_flight`` requests are in progress at once.  A request whose deadline
+(from the caller's timeout) has passed is answered with
 ``DeadlineExceeded`` and never run.
 
 Errors raised by a method go back to the caller with their type, message and
@@ -84,8 +85,14 @@ class _Codecs(threading.local):
 class Replica:
     """One replica serving one service instance on one channel."""
 
-    def __init__(self, service: str, index: int, obj: object, heap: Heap,
-                 spec: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        service: str,
+        index: int,
+        obj: object,
+        heap: Heap,
+        spec: dict[str, Any] | None = None,
+    ) -> None:
         spec = spec or {}
         self.service, self.index, self.heap = service, index, heap
         self.methods = public_methods(obj)
@@ -93,9 +100,13 @@ class Replica:
         self.codecs = _Codecs(heap)
         self.senders: dict[int, Sender] = {}
         methods = spec.get("methods", {})
-        self.estimator = DurationEstimator(priors={
-            m: v["expected_ms"] / 1e3 for m, v in methods.items() if v.get("expected_ms")
-        })
+        self.estimator = DurationEstimator(
+            priors={
+                m: v["expected_ms"] / 1e3
+                for m, v in methods.items()
+                if v.get("expected_ms")
+            }
+        )
         self.queue = make_policy(
             spec.get("policy", "fifo"),
             method_priorities={m: v.get("priority", 0) for m, v in methods.items()},
@@ -115,7 +126,9 @@ class Replica:
         """Serve until SIGTERM (the main thread is one of the workers)."""
         signal.signal(signal.SIGTERM, _stop)
         for i in range(self.workers - 1):
-            threading.Thread(target=self._work, name=f"worker-{i + 1}", daemon=True).start()
+            threading.Thread(
+                target=self._work, name=f"worker-{i + 1}", daemon=True
+            ).start()
         try:
             self._work()
         except _Stop:
@@ -177,8 +190,11 @@ class Replica:
             return None
         req = self.queue.pop()
         for expired in self.queue.take_expired():
-            self._reply_error(expired.payload, "DeadlineExceeded",
-                              "the call's deadline passed before it could run")
+            self._reply_error(
+                expired.payload,
+                "DeadlineExceeded",
+                "the call's deadline passed before it could run",
+            )
         if req is not None:
             self.in_flight += 1
         return req
@@ -209,8 +225,11 @@ class Replica:
         req_id, method, args, kwargs, reply, caller = req.payload
         if req.deadline is not None and time.monotonic() >= req.deadline:
             self._done()
-            self._reply_error(req.payload, "DeadlineExceeded",
-                              "the call's deadline passed before it could run")
+            self._reply_error(
+                req.payload,
+                "DeadlineExceeded",
+                "the call's deadline passed before it could run",
+            )
             return
         t0 = time.perf_counter()
         ok, value = self._call(method, args, kwargs)
@@ -231,7 +250,9 @@ class Replica:
         fn = self.methods.get(method)
         try:
             if fn is None:
-                raise AttributeError(f"service {self.service!r} has no method {method!r}")
+                raise AttributeError(
+                    f"service {self.service!r} has no method {method!r}"
+                )
             value = fn(*args, **kwargs)
             self.calls += 1
             return True, value
@@ -242,7 +263,9 @@ class Replica:
         """Run a coroutine on the replica's event loop; reply when it ends."""
         if self.loop is None:
             self.loop = asyncio.new_event_loop()
-            threading.Thread(target=self.loop.run_forever, name="loop", daemon=True).start()
+            threading.Thread(
+                target=self.loop.run_forever, name="loop", daemon=True
+            ).start()
         req_id, method, _args, _kwargs, reply, caller = req.payload
         t0 = time.perf_counter()
 
@@ -251,7 +274,11 @@ class Replica:
                 value = await coro
                 message = [req_id, True, value]
             except Exception as exc:
-                message = [req_id, False, [type(exc).__name__, str(exc), traceback.format_exc()]]
+                message = [
+                    req_id,
+                    False,
+                    [type(exc).__name__, str(exc), traceback.format_exc()],
+                ]
             self.estimator.record(method, time.perf_counter() - t0)
             self._done()
             self._reply(reply, caller, message)

@@ -115,7 +115,9 @@ class _Server:
                 return
             if pid == 0:
                 return
-            self._send({"op": "exit", "pid": pid, "code": os.waitstatus_to_exitcode(status)})
+            self._send(
+                {"op": "exit", "pid": pid, "code": os.waitstatus_to_exitcode(status)}
+            )
 
     def _spawn(self, spec: dict[str, Any]) -> int:
         pid = os.fork()
@@ -172,7 +174,10 @@ def _apply_os_settings(spec: dict[str, Any]) -> None:
     policy = {"fifo": os.SCHED_FIFO, "rr": os.SCHED_RR}.get(spec.get("os_policy", ""))
     if policy is not None:
         param = os.sched_param(spec.get("rt_priority", 1))
-        _try(lambda: os.sched_setscheduler(0, policy, param), f"{spec['os_policy']} scheduling")
+        _try(
+            lambda: os.sched_setscheduler(0, policy, param),
+            f"{spec['os_policy']} scheduling",
+        )
 
 
 def _try(action: Any, what: str) -> None:

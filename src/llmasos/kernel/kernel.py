@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,7 +143,9 @@ class Kernel:
         os.environ[control.SYSTEM_ENV] = self.name
 
     def start_forkserver(self) -> None:
-        preload = sorted({s.entry.partition(":")[0] for s in self.manifest.services.values()})
+        preload = sorted(
+            {s.entry.partition(":")[0] for s in self.manifest.services.values()}
+        )
         self.fs_pid, self.fs_sock = forkserver.start(["llmasos.runtime", *preload])
 
     def save_state(self) -> None:
@@ -166,8 +167,12 @@ class Kernel:
         sock_path.chmod(0o600)
         try:
             await self.start_all()
-            log.info("system %r ready: %d services, heap %s", self.name,
-                     len(self.services), self.heap.name)
+            log.info(
+                "system %r ready: %d services, heap %s",
+                self.name,
+                len(self.services),
+                self.heap.name,
+            )
             await self.stopping.wait()
         finally:
             server.close()
@@ -211,7 +216,9 @@ class Kernel:
             if p.pid in self.procs:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(p.pid, signal.SIGKILL)
-        while any(p.pid in self.procs for p in procs) and time.monotonic() < deadline + 5:
+        while (
+            any(p.pid in self.procs for p in procs) and time.monotonic() < deadline + 5
+        ):
             await asyncio.sleep(0.01)
 
     # ---- services and replicas ----
@@ -226,27 +233,29 @@ class Kernel:
         if svc is None or svc.stopped or index >= svc.spec.replicas:
             return
         spec = svc.spec
-        pid = await self.spawn({
-            "system": self.name,
-            "heap": self.heap.name,
-            "service": service,
-            "replica": index,
-            "entry": spec.entry,
-            "env": {**spec.env, "LLMASOS_REPLICA": f"{service}/{index}"},
-            "quota_pages": spec.quota_pages,
-            "nice": spec.nice,
-            "cpu_affinity": list(spec.cpu_affinity),
-            "os_policy": spec.os_policy,
-            "rt_priority": spec.rt_priority,
-            "policy": spec.policy,
-            "workers": spec.workers,
-            "max_in_flight": spec.max_in_flight,
-            "methods": {
-                m.name: {"priority": m.priority, "expected_ms": m.expected_ms}
-                for m in spec.methods.values()
-            },
-            "log": str(self.log_path(service, index)),
-        })
+        pid = await self.spawn(
+            {
+                "system": self.name,
+                "heap": self.heap.name,
+                "service": service,
+                "replica": index,
+                "entry": spec.entry,
+                "env": {**spec.env, "LLMASOS_REPLICA": f"{service}/{index}"},
+                "quota_pages": spec.quota_pages,
+                "nice": spec.nice,
+                "cpu_affinity": list(spec.cpu_affinity),
+                "os_policy": spec.os_policy,
+                "rt_priority": spec.rt_priority,
+                "policy": spec.policy,
+                "workers": spec.workers,
+                "max_in_flight": spec.max_in_flight,
+                "methods": {
+                    m.name: {"priority": m.priority, "expected_ms": m.expected_ms}
+                    for m in spec.methods.values()
+                },
+                "log": str(self.log_path(service, index)),
+            }
+        )
         proc = Proc(pid, "replica", service, index, restarts=svc.restarts.get(index, 0))
         self.procs[pid] = proc
         svc.replicas[index] = proc
@@ -276,18 +285,23 @@ class Kernel:
             log.error("the fork server died; shutting the system down")
             self.stopping.set()
 
-    async def wait_ready(self, services: list[str], timeout: float = READY_TIMEOUT_S) -> None:
+    async def wait_ready(
+        self, services: list[str], timeout: float = READY_TIMEOUT_S
+    ) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             pending = [
-                s for s in services
+                s
+                for s in services
                 if not self.services[s].supervisor.failed
                 and len(self.ready_replicas(s)) < self.services[s].spec.replicas
             ]
             if not pending:
                 return
             await asyncio.sleep(0.005)
-        raise KernelError(f"services not ready after {timeout:g} s: {', '.join(pending)}")
+        raise KernelError(
+            f"services not ready after {timeout:g} s: {', '.join(pending)}"
+        )
 
     def ready_replicas(self, service: str) -> list[Proc]:
         svc = self.services[service]
@@ -305,22 +319,38 @@ class Kernel:
         del svc.replicas[proc.replica]
         how = f"exit code {code}" if code >= 0 else f"signal {-code}"
         if proc.state == "stopping" or svc.stopped:
-            log.info("service %s replica %d stopped (%s)", proc.service, proc.replica, how)
+            log.info(
+                "service %s replica %d stopped (%s)", proc.service, proc.replica, how
+            )
             return
         decision = svc.supervisor.on_exit(code)
         if decision.restart:
             svc.restarts[proc.replica] = proc.restarts + 1
-            log.info("service %s replica %d exited (%s); restarting in %.2f s",
-                     proc.service, proc.replica, how, decision.delay)
+            log.info(
+                "service %s replica %d exited (%s); restarting in %.2f s",
+                proc.service,
+                proc.replica,
+                how,
+                decision.delay,
+            )
             asyncio.get_running_loop().call_later(
                 decision.delay,
-                lambda: asyncio.create_task(self.start_replica(proc.service, proc.replica)),
+                lambda: asyncio.create_task(
+                    self.start_replica(proc.service, proc.replica)
+                ),
             )
         elif decision.failed:
-            log.error("service %s failed: %s; not restarting", proc.service, decision.reason)
+            log.error(
+                "service %s failed: %s; not restarting", proc.service, decision.reason
+            )
         else:
-            log.info("service %s replica %d exited (%s); %s", proc.service,
-                     proc.replica, how, decision.reason)
+            log.info(
+                "service %s replica %d exited (%s); %s",
+                proc.service,
+                proc.replica,
+                how,
+                decision.reason,
+            )
 
     def reclaim(self, pid: int) -> None:
         self.procs.pop(pid, None)
@@ -343,8 +373,9 @@ class Kernel:
 
     # ---- the control socket ----
 
-    async def serve_client(self, reader: asyncio.StreamReader,
-                           writer: asyncio.StreamWriter) -> None:
+    async def serve_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         try:
             while line := await reader.readline():
                 reply = await self.answer(line)
@@ -363,8 +394,11 @@ class Kernel:
         except ValueError as exc:
             return _error("malformed", f"cannot read the request: {exc}")
         if req.get("v") != control.VERSION:
-            return _error("version", f"protocol version {req.get('v')!r} is not "
-                          f"supported; this kernel speaks version {control.VERSION}")
+            return _error(
+                "version",
+                f"protocol version {req.get('v')!r} is not "
+                f"supported; this kernel speaks version {control.VERSION}",
+            )
         op = req.pop("op", None)
         handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
         if handler is None:
@@ -396,7 +430,9 @@ class Kernel:
         service = parent_proc.service if parent_proc else ""
         self.watch(pid, Proc(pid, kind, service=service, state="ready", parent=parent))
 
-    async def op_ready(self, pid: int, service: str, replica: int, channel: int) -> None:
+    async def op_ready(
+        self, pid: int, service: str, replica: int, channel: int
+    ) -> None:
         # A quick replica can say it is ready before its spawn is recorded.
         deadline = time.monotonic() + 5
         while pid not in self.procs and time.monotonic() < deadline:
@@ -423,7 +459,9 @@ class Kernel:
     async def op_ps(self) -> dict[str, Any]:
         pages = {p.pid: p.pages for p in self.heap.stats().procs}
         rows = []
-        for proc in sorted(self.procs.values(), key=lambda p: (p.service, p.replica, p.pid)):
+        for proc in sorted(
+            self.procs.values(), key=lambda p: (p.service, p.replica, p.pid)
+        ):
             rows.append({**proc.row(), "pages": pages.get(proc.pid, 0)})
         services = {
             name: {
@@ -434,31 +472,44 @@ class Kernel:
             }
             for name, svc in self.services.items()
         }
-        return {"system": self.name, "kernel": os.getpid(), "procs": rows,
-                "services": services}
+        return {
+            "system": self.name,
+            "kernel": os.getpid(),
+            "procs": rows,
+            "services": services,
+        }
 
     async def op_mem(self) -> dict[str, Any]:
         st = self.heap.stats()
         S = st.page_size
-        rows = []
+        rows: list[dict[str, Any]] = []
         for p in st.procs:
             proc = self.procs.get(p.pid)
-            rows.append({
-                "pid": p.pid,
-                "service": proc.service if proc else "",
-                "replica": proc.replica if proc else -1,
-                "pages": p.pages, "page_size": S, "bytes": p.pages * S,
-                "quota_pages": p.quota_pages, "blocks": p.blocks,
-                "bytes_in_use": p.bytes,
-            })
+            rows.append(
+                {
+                    "pid": p.pid,
+                    "service": proc.service if proc else "",
+                    "replica": proc.replica if proc else -1,
+                    "pages": p.pages,
+                    "page_size": S,
+                    "bytes": p.pages * S,
+                    "quota_pages": p.quota_pages,
+                    "blocks": p.blocks,
+                    "bytes_in_use": p.bytes,
+                }
+            )
         by_service: dict[str, dict[str, int]] = {}
         for r in rows:
             agg = by_service.setdefault(r["service"] or "-", {"pages": 0, "bytes": 0})
             agg["pages"] += r["pages"]
             agg["bytes"] += r["bytes"]
         return {
-            "page_size": S, "pages_total": st.pages_total, "pages_free": st.pages_free,
-            "pages_used": st.pages_used, "procs": rows, "services": by_service,
+            "page_size": S,
+            "pages_total": st.pages_total,
+            "pages_free": st.pages_free,
+            "pages_used": st.pages_used,
+            "procs": rows,
+            "services": by_service,
         }
 
     async def op_scale(self, service: str, replicas: int) -> dict[str, Any]:
@@ -476,7 +527,9 @@ class Kernel:
         await self.wait_ready([service])
         return {"service": service, "replicas": replicas, "was": old}
 
-    async def op_restart(self, service: str, replica: int | None = None) -> dict[str, Any]:
+    async def op_restart(
+        self, service: str, replica: int | None = None
+    ) -> dict[str, Any]:
         svc = self.services.get(service)
         if svc is None:
             raise KernelError(_no_service(service, self.services))
@@ -493,14 +546,23 @@ class Kernel:
     async def op_deploy(self, manifest: str, service: str) -> dict[str, Any]:
         other = load_manifest(manifest)
         if other.system.page_size != self.manifest.system.page_size:
-            raise KernelError("the manifest's page size differs from the running system's")
+            raise KernelError(
+                "the manifest's page size differs from the running system's"
+            )
         spec = other.services.get(service)
         if spec is None:
             raise KernelError(_no_service(service, other.services))
         if service in self.services:
-            raise KernelError(f"service {service!r} is running already; undeploy it first")
+            raise KernelError(
+                f"service {service!r} is running already; undeploy it first"
+            )
         self.manifest = self.manifest.with_service(spec)
-        self.fs_writer.write((json.dumps({"op": "preload", "module": spec.entry.partition(":")[0]}) + "\n").encode())
+        self.fs_writer.write(
+            (
+                json.dumps({"op": "preload", "module": spec.entry.partition(":")[0]})
+                + "\n"
+            ).encode()
+        )
         self.add_service(spec)
         await self.wait_ready([service])
         return {"service": service, "replicas": spec.replicas}
@@ -516,7 +578,9 @@ class Kernel:
             self.manifest = self.manifest.without_service(service)
         return {"service": service}
 
-    async def op_logs(self, service: str, replica: int = 0, lines: int = 50) -> dict[str, Any]:
+    async def op_logs(
+        self, service: str, replica: int = 0, lines: int = 50
+    ) -> dict[str, Any]:
         if service not in self.services:
             raise KernelError(_no_service(service, self.services))
         path = self.log_path(service, replica)
@@ -531,7 +595,11 @@ OPS = sorted(name[3:] for name in dir(Kernel) if name.startswith("op_"))
 
 
 def _error(kind: str, message: str) -> dict[str, Any]:
-    return {"v": control.VERSION, "ok": False, "error": {"type": kind, "message": message}}
+    return {
+        "v": control.VERSION,
+        "ok": False,
+        "error": {"type": kind, "message": message},
+    }
 
 
 def _no_service(name: str, services: Any) -> str:
