@@ -36,6 +36,11 @@ class Probe:
     def pid(self) -> int:
         return os.getpid()
 
+    def say(self, text: str) -> str:
+        """Print text to this replica's log."""
+        print(text, flush=True)
+        return text
+
     def block(self, gate: str, started: str) -> int:
         """Say so in the directory started, wait for the file gate, return
         this replica's pid."""

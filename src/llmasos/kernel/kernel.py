@@ -53,7 +53,7 @@ class Proc:
     """One row of the process table."""
 
     pid: int
-    kind: str  # "replica", "forked", "client"
+    kind: str  # "replica", "forkserver", "forked", "client"
     service: str = ""
     replica: int = -1
     state: str = "starting"  # starting, ready, stopping, exited
@@ -147,9 +147,10 @@ class Kernel:
             {s.entry.partition(":")[0] for s in self.manifest.services.values()}
         )
         self.fs_pid, self.fs_sock = forkserver.start(["llmasos.runtime", *preload])
+        self.procs[self.fs_pid] = Proc(self.fs_pid, "forkserver", state="ready")
 
     def save_state(self) -> None:
-        pids = [self.fs_pid, *self.procs]
+        pids = list(self.procs)
         state = {"kernel": os.getpid(), "heap": self.heap.name, "pids": pids}
         tmp = self.dir / "state.json.tmp"
         tmp.write_text(json.dumps(state))
