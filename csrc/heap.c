@@ -218,12 +218,17 @@ int pages_alloc(llm_heap *h, uint32_t n, unsigned kind, pid_t owner,
     return 0;
 }
 
-/* Give back the run whose head is page i, merging with free neighbours. */
+/*
+ * Give back the run whose head is page i, merging with free neighbours.
+ * Only run heads carry a kind: the head of a neighbour merged into this run
+ * is turned into a tail after the merge is committed, so that no stale head
+ * is left inside a run for a later merge to trust.
+ */
 void pages_free(llm_heap *h, uint32_t i)
 {
     struct llm_hdr *hdr = h->hdr;
     uint64_t w = atomic_load(&page_desc(h, i)->head);
-    uint32_t len = run_len(w), start = i, total = len;
+    uint32_t len = run_len(w), start = i, total = len, right = LLM_NIL;
 
     LLM_ASSERT(run_kind(w) == PAGE_LARGE || run_kind(w) == PAGE_SPAN);
     proc_charge(h, atomic_load(&page_desc(h, i)->owner), -(int64_t)len, 0);
@@ -234,6 +239,7 @@ void pages_free(llm_heap *h, uint32_t i)
         if (run_kind(nw) == PAGE_FREE) {
             bin_remove(h, i + len, run_len(nw));
             total += run_len(nw);
+            right = i + len;
         }
     }
     if (i > hdr->meta_pages) {
@@ -248,13 +254,10 @@ void pages_free(llm_heap *h, uint32_t i)
     run_make_free(h, start, total);
     if (start != i)
         atomic_store(&page_desc(h, i)->head, run_word(PAGE_TAIL, 0));
+    if (right != LLM_NIL)
+        atomic_store(&page_desc(h, right)->head, run_word(PAGE_TAIL, 0));
 }
 
-/*
- * Rebuild everything derived from the run heads: bins, back links, the
- * count of free pages and every process's page count.  Called with the heap
- * lock held after its previous holder died.
- */
 static void repair_free_run(llm_heap *h, uint32_t start, uint32_t end)
 {
     for (uint32_t k = start + 1; k < end; k++)
