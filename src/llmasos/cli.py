@@ -12,11 +12,12 @@ stderr), 1 on any other LLMasOS failure (one line on stderr).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn, TypeAlias
 
-from llmasos.commands import add_commands
+from llmasos.commands import UsageError, add_commands
 from llmasos.errors import LLMasOSError
 from llmasos.manifest import ManifestError
 from llmasos.sched.policies import POLICY_NAMES, UnknownPolicyError
@@ -33,7 +34,7 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 # Failures caused by what the user typed or supplied, reported as usage errors.
-_BAD_INPUT = (TraceError, UnknownPolicyError, ManifestError)
+_BAD_INPUT = (TraceError, UnknownPolicyError, ManifestError, UsageError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,6 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         status: int = args.run(args)
+    except BrokenPipeError:
+        # the reader of our output went away (``llmasos ps | head``)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except _BAD_INPUT as exc:
         return _fail(EXIT_USAGE, exc)
     except LLMasOSError as exc:

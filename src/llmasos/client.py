@@ -33,10 +33,17 @@ from llmasos import control
 from llmasos.channel import Channel, Sender
 from llmasos.codec import Decoder, Encoder, prepare
 from llmasos.errors import ChannelClosed, LLMasOSError
-from llmasos.heap import Heap
+from llmasos.heap import Buffer, Heap
 
 CHECK_S = 0.02  # how often a waiting caller checks that its replica lives
 RESOLVE_WAIT_S = 10.0  # how long a call waits for a replica to be ready
+
+
+MAX_RESENDS = 5  # tries of a request no replica could take
+
+
+class _Undelivered(Exception):
+    """The request never reached the replica: safe to send again."""
 
 
 class RemoteError(LLMasOSError):
@@ -171,15 +178,18 @@ _processes_lock = threading.Lock()
 
 
 def _process(system: str | None) -> _Process:
-    proc = _processes.get(system)  # type: ignore[arg-type]
+    """The calling process's link to a system: the one named, else the one
+    in ``$LLMASOS_SYSTEM``, else the only one running."""
+    key = system or os.environ.get(control.SYSTEM_ENV)
+    proc = _processes.get(key)
     if proc is not None:
         return proc
     with _processes_lock:
-        name = system or control.default_system()
+        name = key or control.default_system()
         proc = _processes.get(name)
         if proc is None:
             proc = _processes[name] = _Process(name)
-        _processes[system] = proc  # type: ignore[index]
+        _processes[key] = proc
         return proc
 
 
@@ -214,26 +224,38 @@ class ServiceProxy:
         return bound
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call method on a replica.  A request that could not be delivered
+        (the replica's channel closed: it died or restarted) is sent again to
+        a replica resolved anew; one that was delivered is sent again only
+        for an idempotent method, once."""
         proc = _process(self._system)
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
-        reps, idempotent = self._ready(proc, deadline)
-        tries = 2 if method in idempotent and len(reps) > 1 else 1
-        for attempt in range(tries):
-            rep = self._pick(reps)
+        retried = undelivered = 0
+        dead = -1  # the replica a retry should avoid
+        while True:
+            reps, idempotent = self._ready(proc, deadline, refresh=undelivered > 0)
+            rep = self._pick([r for r in reps if r.index != dead] or reps)
             try:
                 return self._call_once(proc, rep, method, args, kwargs, deadline)
-            except (ReplicaDied, ChannelClosed):
-                reps = [r for r in reps if r is not rep] or reps
+            except _Undelivered:
                 proc.registry.pop(self._service, None)
-                if attempt + 1 == tries:
+                undelivered += 1
+                if undelivered > MAX_RESENDS:
+                    raise ServiceUnavailable(
+                        f"service {self._service!r}: no replica took the call "
+                        f"{method!r} after {MAX_RESENDS} tries"
+                    ) from None
+            except ReplicaDied:
+                proc.registry.pop(self._service, None)
+                if method not in idempotent or retried:
                     raise
-        raise AssertionError("unreachable")
+                retried += 1
+                dead = rep.index
 
     def _ready(
-        self, proc: _Process, deadline: float | None
+        self, proc: _Process, deadline: float | None, refresh: bool = False
     ) -> tuple[list[_Replica], frozenset[str]]:
         until = time.monotonic() + RESOLVE_WAIT_S if deadline is None else deadline
-        refresh = False
         while True:
             reps, idempotent = proc.replicas(self._service, refresh)
             if reps:
@@ -290,7 +312,10 @@ class ServiceProxy:
                     self._priority,
                 ]
             )
-            rep.sender.send(data, timeout=_left(deadline))
+            try:
+                rep.sender.send(data, timeout=_left(deadline))
+            except ChannelClosed:
+                raise _Undelivered from None
             ok, value = self._wait(ctx, rep, req_id, method, deadline)
         finally:
             for buf in enc.made:
@@ -298,7 +323,7 @@ class ServiceProxy:
             enc.made.clear()
         if not ok:
             raise remote_error(value, self._service, rep.index)
-        return value
+        return _same_buffer(value, args)
 
     def _wait(
         self,
@@ -335,6 +360,16 @@ class ServiceProxy:
                 f"service {self._service!r} replica {rep.index} (pid {rep.pid}) "
                 f"died during a call of {method!r}"
             ) from None
+
+
+def _same_buffer(value: Any, args: tuple) -> Any:
+    """A Buffer the callee returned that is one of the caller's arguments
+    comes back as that very object, not as a second one over the block."""
+    if isinstance(value, Buffer):
+        for arg in args:
+            if isinstance(arg, Buffer) and arg.handle == value.handle:
+                return arg
+    return value
 
 
 def _queued(rep: _Replica) -> int:

@@ -23,6 +23,7 @@ from typing import Any
 
 import msgpack
 
+from llmasos.errors import InvalidHandle
 from llmasos.heap import Buffer, Heap
 
 EXT_BUFFER = 1
@@ -57,6 +58,12 @@ class Encoder:
 
     def _default(self, obj: Any) -> msgpack.ExtType:
         if isinstance(obj, Buffer):
+            if obj.heap.name != self.heap.name:
+                raise InvalidHandle(
+                    f"buffer {obj.handle:#x} belongs to heap {obj.heap.name!r}, "
+                    f"not to the system's heap {self.heap.name!r}; allocate it "
+                    "with llmasos.malloc"
+                )
             return msgpack.ExtType(EXT_BUFFER, obj.handle.to_bytes(8, "little"))
         if _NDARRAY and isinstance(obj, _NDARRAY):
             return self._ndarray(obj)

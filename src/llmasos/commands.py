@@ -18,8 +18,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from llmasos import control
+from llmasos.errors import LLMasOSError
 from llmasos.manifest import load_manifest
 from llmasos.units import format_size
+
+
+class UsageError(LLMasOSError, ValueError):
+    """A command line that does not say what the command needs."""
 
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
@@ -162,7 +167,7 @@ def run_call(args: argparse.Namespace) -> int:
 
     service, _, method = args.target.partition(".")
     if not method:
-        raise SystemExit(f"llmasos call: expected SERVICE.METHOD, got {args.target!r}")
+        raise UsageError(f"call: expected SERVICE.METHOD, got {args.target!r}")
     proxy = llmasos.connect(service, args.system, timeout=args.timeout)
     value = getattr(proxy, method)(*(parse_value(a) for a in args.args))
     if args.json:
@@ -196,7 +201,7 @@ def run_undeploy(args: argparse.Namespace) -> int:
 def run_scale(args: argparse.Namespace) -> int:
     service, sep, count = args.target.partition("=")
     if not sep or not count.isdigit():
-        raise SystemExit(f"llmasos scale: expected SERVICE=N, got {args.target!r}")
+        raise UsageError(f"scale: expected SERVICE=N, got {args.target!r}")
     r = control.request(
         "scale", system=args.system, service=service, replicas=int(count)
     )

@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from llmasos import control
+from llmasos import _core, control
 from llmasos.errors import LLMasOSError
 
 
@@ -35,10 +35,17 @@ def _register(pid: int) -> None:
 
 
 def fork() -> int:
-    """Fork, and register the child with the kernel of this process's system."""
+    """Fork, and register the child with the kernel of this process's system.
+
+    In a system, the child dies with its parent (``PR_SET_PDEATHSIG``), as
+    replicas die with the fork server and the fork server with the kernel:
+    killing the kernel leaves no process of the system behind.
+    """
     pid = os.fork()
     if pid:
         _register(pid)
+    elif os.environ.get(control.SYSTEM_ENV):
+        _core.set_pdeathsig(signal.SIGKILL)
     return pid
 
 

@@ -139,7 +139,10 @@ class Replica:
     def _work(self) -> None:
         while True:
             req = self._next()
-            self._run(req)
+            try:
+                self._run(req)
+            except Exception:  # a bug of ours: say so, keep serving
+                traceback.print_exc()
 
     def _next(self) -> Request:
         """The best request to run now; leads the wait on the channel when
@@ -163,6 +166,10 @@ class Replica:
             req = self._request(first)
             self._drain()  # still the leader: the channel is ours alone
             self.leader = False
+            if req is None:
+                req = self._pop()
+                self._wake()
+                return req if req is not None else self._next()
             if len(self.queue) == 0 and self.in_flight < self.max_in_flight:
                 self.in_flight += 1
                 if self.estimator.estimate(req.method) > HAND_OVER_S:
@@ -206,12 +213,20 @@ class Replica:
                 msg = self.channel.recv_nowait()
             except BlockingIOError:
                 return
-            self.queue.push(self._request(msg))
+            req = self._request(msg)
+            if req is not None:
+                self.queue.push(req)
 
-    def _request(self, msg: bytes) -> Request:
-        req_id, method, args, kwargs, reply, caller, deadline, prio = (
-            self.codecs.decoder.unpack(msg)
-        )
+    def _request(self, msg: bytes) -> Request | None:
+        """The request in msg, or None (reported in the log) for a message
+        that cannot be read: it has no reply address to answer."""
+        try:
+            req_id, method, args, kwargs, reply, caller, deadline, prio = (
+                self.codecs.decoder.unpack(msg)
+            )
+        except Exception:
+            traceback.print_exc()
+            return None
         return Request(
             name=str(req_id),
             arrival=time.monotonic(),

@@ -33,12 +33,18 @@ from typing import Any
 from llmasos import _core
 
 
-def start(preload: list[str]) -> tuple[int, socket.socket]:
-    """Fork the server; returns its pid and the kernel's end of its socket."""
+def start(preload: list[str], close: list[int]) -> tuple[int, socket.socket]:
+    """Fork the server; returns its pid and the kernel's end of its socket.
+
+    ``close`` are the kernel's descriptors the server must not keep (its
+    lock, which would outlive a killed kernel in the server's children).
+    """
     ours, theirs = socket.socketpair()
     pid = os.fork()
     if pid == 0:
         ours.close()
+        for fd in close:
+            os.close(fd)
         code = 0
         try:
             _Server(theirs, preload).serve()

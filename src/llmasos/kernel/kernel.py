@@ -116,8 +116,8 @@ class Kernel:
     def clean_leftovers(self) -> None:
         """Remove what a kernel of this system that was killed left behind."""
         state = _read_state(self.dir)
-        for pid in state.get("pids", []):
-            if _belongs_to(pid, self.name):
+        for pid, started in state.get("pids", []):
+            if started is not None and _start_time(pid) == started:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                     log.info("killed pid %d left by a previous kernel", pid)
@@ -146,11 +146,20 @@ class Kernel:
         preload = sorted(
             {s.entry.partition(":")[0] for s in self.manifest.services.values()}
         )
-        self.fs_pid, self.fs_sock = forkserver.start(["llmasos.runtime", *preload])
+        self.fs_pid, self.fs_sock = forkserver.start(
+            ["llmasos.runtime", *preload], close=[self.lock_file.fileno()]
+        )
         self.procs[self.fs_pid] = Proc(self.fs_pid, "forkserver", state="ready")
 
     def save_state(self) -> None:
-        pids = list(self.procs)
+        """Record what a next kernel must clean if this one is killed: the
+        heap, and the processes of the system (never outside clients), each
+        with its start time so that a reused pid is left alone."""
+        pids = [
+            [pid, _start_time(pid)]
+            for pid, p in self.procs.items()
+            if p.kind != "client"
+        ]
         state = {"kernel": os.getpid(), "heap": self.heap.name, "pids": pids}
         tmp = self.dir / "state.json.tmp"
         tmp.write_text(json.dumps(state))
@@ -430,6 +439,7 @@ class Kernel:
         parent_proc = self.procs.get(parent)
         service = parent_proc.service if parent_proc else ""
         self.watch(pid, Proc(pid, kind, service=service, state="ready", parent=parent))
+        self.save_state()
 
     async def op_ready(
         self, pid: int, service: str, replica: int, channel: int
@@ -621,13 +631,13 @@ def _read_state(path: Path) -> dict[str, Any]:
         return {}
 
 
-def _belongs_to(pid: int, system: str) -> bool:
-    """True if pid runs with LLMASOS_SYSTEM=system in its environment."""
+def _start_time(pid: int) -> int | None:
+    """The start time of pid in clock ticks since boot (None if gone)."""
     try:
-        env = Path(f"/proc/{pid}/environ").read_bytes()
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return False
-    return f"{control.SYSTEM_ENV}={system}".encode() in env.split(b"\0")
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 def boot(manifest: Manifest, ready: Any = None) -> None:
