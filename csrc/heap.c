@@ -867,6 +867,8 @@ static void stats_span(llm_heap *h, uint32_t i, struct llm_heap_stats *st,
     char *base = (char *)sp + sp->first;
 
     st->spans++;
+    if (sp->magic != LLM_SPAN_MAGIC)
+        return; /* torn at birth; reclaiming its creator frees it */
     if (atomic_load(&sp->owner) == 0)
         st->orphan_spans++;
     for (uint32_t k = 0; k < sp->nslots; k++) {
