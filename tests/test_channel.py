@@ -212,6 +212,7 @@ def test_channel_send_of_a_viewed_buffer_raises_buffer_error(
         pytest.param(
             lambda tx: tx.send(b"x", timeout=0.05), TimeoutError, id="timeout"
         ),
+        pytest.param(lambda tx: tx.send(b"x", timeout=0), TimeoutError, id="zero"),
     ],
 )
 def test_channel_full_refuses_to_send(
@@ -235,6 +236,7 @@ def test_channel_full_refuses_to_send(
     "recv, error",
     [
         pytest.param(lambda ch: ch.recv(timeout=0.05), TimeoutError, id="timeout"),
+        pytest.param(lambda ch: ch.recv(timeout=0), TimeoutError, id="zero"),
         pytest.param(lambda ch: ch.recv_nowait(), BlockingIOError, id="nowait"),
     ],
 )

@@ -23,6 +23,7 @@
 #include "llmasos/llmasos.h"
 
 #define KIND_BLOB LLM_MSG_BLOB
+#define NOWAIT (-2) /* a timeout meaning: do not wait (BlockingIOError) */
 
 static PyObject *exc_heap, *exc_layout, *exc_handle, *exc_stale, *exc_double,
     *exc_huge, *exc_closed, *exc_internal;
@@ -929,16 +930,18 @@ static int blob_alloc(ChanObject *c, const Py_buffer *v, llm_handle *hd)
     return 0;
 }
 
-/* Send msg, waiting as timeout says; the GIL is released to wait. */
+/*
+ * Send msg, waiting as tmo says (nanoseconds; -1 for ever; NOWAIT); the GIL
+ * is released to wait.  A channel still full gives LLM_EAGAIN for NOWAIT and
+ * LLM_ETIMEDOUT for a timeout, 0 included.
+ */
 static int send_wait(ChanObject *c, struct llm_msg *m, int64_t tmo)
 {
-    int64_t deadline = tmo > 0 ? mono_ns() + tmo
-                               : tmo;
+    int64_t deadline = tmo >= 0 ? mono_ns() + tmo : -1;
     int rc = llm_chan_send(c->heap->h, c->id, m, 0);
 
-    while (rc == LLM_EAGAIN && tmo != 0) {
-        int64_t left = deadline < 0 ? -1
-                       : deadline - mono_ns();
+    while (rc == LLM_EAGAIN && tmo != NOWAIT) {
+        int64_t left = deadline < 0 ? -1 : deadline - mono_ns();
         if (deadline >= 0 && left <= 0)
             return LLM_ETIMEDOUT;
         Py_BEGIN_ALLOW_THREADS
@@ -996,7 +999,10 @@ static PyObject *send_impl(ChanObject *c, PyObject *obj, int64_t tmo)
         return NULL;
     if (rc == LLM_EAGAIN)
         return raise_fmt(PyExc_BlockingIOError, "channel %#llx is full",
-                            (unsigned long long)c->id);
+                         (unsigned long long)c->id);
+    if (rc == LLM_ETIMEDOUT)
+        return raise_fmt(PyExc_TimeoutError, "channel %#llx stayed full",
+                         (unsigned long long)c->id);
     if (rc != 0)
         return raise_code(rc, "send on channel %#llx",
                           (unsigned long long)c->id);
@@ -1019,12 +1025,12 @@ static PyObject *sender_send(ChanObject *c, PyObject *const *args,
                     &block) ||
         timeout_ns(tmo_o, &tmo) < 0)
         return NULL;
-    return send_impl(c, msg, block ? tmo : 0);
+    return send_impl(c, msg, block ? tmo : NOWAIT);
 }
 
 static PyObject *sender_send_nowait(ChanObject *c, PyObject *msg)
 {
-    return send_impl(c, msg, 0);
+    return send_impl(c, msg, NOWAIT);
 }
 
 /* Turn the message at the head of the channel into a Python object. */
@@ -1059,7 +1065,9 @@ static PyObject *recv_impl(ChanObject *c, int64_t tmo)
     if (!heap_usable(c->heap))
         return NULL;
     rc = llm_chan_recv(c->heap->h, c->id, &m, 0, 0);
-    while (rc == LLM_EAGAIN && tmo != 0) {
+    if (rc == LLM_EAGAIN && tmo == 0)
+        rc = LLM_ETIMEDOUT;
+    while (rc == LLM_EAGAIN && tmo != NOWAIT) {
         int64_t spin = c->spin_ns;
         Py_BEGIN_ALLOW_THREADS
         rc = llm_chan_recv(c->heap->h, c->id, &m, tmo, spin);
@@ -1104,7 +1112,7 @@ static PyObject *chan_recv(ChanObject *c, PyObject *const *args,
 
 static PyObject *chan_recv_nowait(ChanObject *c, PyObject *Py_UNUSED(a))
 {
-    return recv_impl(c, 0);
+    return recv_impl(c, NOWAIT);
 }
 
 static PyObject *chan_destroy(ChanObject *c, PyObject *Py_UNUSED(a))

@@ -310,6 +310,7 @@ class ServiceProxy:
                     ctx.pid,
                     dl_ns,
                     self._priority,
+                    time.monotonic_ns(),
                 ]
             )
             try:

@@ -1,9 +1,10 @@
 """How calls between services are encoded.
 
-A request is ``[id, method, args, kwargs, reply, deadline_ns, priority]`` and a
-reply ``[id, ok, value]``, both packed with msgpack.  Plain values are copied
-into the message.  Large payloads travel through the heap instead, marked by
-msgpack extension types:
+A request is ``[id, method, args, kwargs, reply, caller, deadline_ns,
+priority, sent_ns]`` (times on the monotonic clock, which all processes of a
+machine share) and a reply ``[id, ok, value]``, both packed with msgpack.
+Plain values are copied into the message.  Large payloads travel through the
+heap instead, marked by msgpack extension types:
 
 - ``EXT_BUFFER``: a ``Buffer`` by handle, not a byte of it copied.  In a
   request the callee sees the caller's block (the caller keeps it); in a reply

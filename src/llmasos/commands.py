@@ -111,14 +111,28 @@ def _wait_booted(name: str, kernel: int, log_path: Any) -> int:
             )
             return 1
         if _all_ready(name, kernel):
-            print(
-                f"system {name!r} ready (kernel pid {kernel}); "
-                f"logs in {log_path.parent}"
-            )
-            return 0
+            return _report_booted(name, kernel, log_path)
         time.sleep(0.02)
     print(f"llmasos: error: system {name!r} not ready after 60 s", file=sys.stderr)
     return 1
+
+
+def _report_booted(name: str, kernel: int, log_path: Any) -> int:
+    failed = [
+        s
+        for s, v in control.request("ps", system=name)["services"].items()
+        if v["failed"]
+    ]
+    if failed:
+        print(
+            f"llmasos: error: system {name!r} booted (kernel pid {kernel}) but "
+            f"these services failed: {', '.join(failed)}; see "
+            f"'llmasos logs SERVICE --system {name}'",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"system {name!r} ready (kernel pid {kernel}); logs in {log_path.parent}")
+    return 0
 
 
 def _alive(pid: int) -> bool:

@@ -112,6 +112,11 @@ class Replica:
             method_priorities={m: v.get("priority", 0) for m, v in methods.items()},
             estimator=self.estimator,
         )
+        self.deadlines = {
+            m: v["deadline_ms"] / 1e3
+            for m, v in methods.items()
+            if v.get("deadline_ms")
+        }
         self.workers = max(1, spec.get("workers", 1))
         self.max_in_flight = max(1, spec.get("max_in_flight", 64))
         self.cond = threading.Condition()
@@ -221,15 +226,18 @@ class Replica:
         """The request in msg, or None (reported in the log) for a message
         that cannot be read: it has no reply address to answer."""
         try:
-            req_id, method, args, kwargs, reply, caller, deadline, prio = (
+            req_id, method, args, kwargs, reply, caller, deadline, prio, sent = (
                 self.codecs.decoder.unpack(msg)
             )
         except Exception:
             traceback.print_exc()
             return None
+        arrival = min(sent / 1e9, time.monotonic())
+        if not deadline and method in self.deadlines:
+            deadline = int((arrival + self.deadlines[method]) * 1e9)
         return Request(
             name=str(req_id),
-            arrival=time.monotonic(),
+            arrival=arrival,
             method=method,
             priority=prio if prio else None,
             deadline=deadline / 1e9 if deadline else None,

@@ -170,14 +170,25 @@ def write_manifest(directory: Path, name: str, services: str, **system: str) -> 
 
 
 def boot_system(
-    directory: Path, root: Path, tag: str, services: str, **system: str
+    directory: Path,
+    root: Path,
+    tag: str,
+    services: str,
+    may_fail: tuple[str, ...] = (),
+    **system: str,
 ) -> System:
     """Boot a system with the CLI (``boot --detach``); fails the test if the
-    boot fails."""
+    boot fails, unless only the services in may_fail did (boot then exits 1
+    and names them)."""
     name = unique_system(tag)
     sys_ = System(name, root, write_manifest(directory, name, services, **system))
     booted = sys_.cli("boot", str(sys_.manifest), "--detach")
-    if booted.returncode != 0:
+    failed_as_allowed = may_fail and booted.stderr.rstrip().endswith(
+        "these services failed: "
+        + ", ".join(may_fail)
+        + f"; see 'llmasos logs SERVICE --system {name}'"
+    )
+    if booted.returncode != 0 and not failed_as_allowed:
         sys_.take_down()
         raise AssertionError(f"boot of {name} failed: {booted.stderr}")
     return sys_
@@ -213,11 +224,16 @@ def forget_heap(sys_: System) -> None:
 
 @contextlib.contextmanager
 def running(
-    directory: Path, root: Path, tag: str, services: str, **system: str
+    directory: Path,
+    root: Path,
+    tag: str,
+    services: str,
+    may_fail: tuple[str, ...] = (),
+    **system: str,
 ) -> Iterator[System]:
     """A booted system, the system of this process while it runs."""
     with pytest.MonkeyPatch.context() as mp:
-        sys_ = boot_system(directory, root, tag, services, **system)
+        sys_ = boot_system(directory, root, tag, services, may_fail, **system)
         mp.setenv(control.SYSTEM_ENV, sys_.name)
         try:
             yield sys_

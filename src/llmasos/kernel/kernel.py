@@ -260,7 +260,11 @@ class Kernel:
                 "workers": spec.workers,
                 "max_in_flight": spec.max_in_flight,
                 "methods": {
-                    m.name: {"priority": m.priority, "expected_ms": m.expected_ms}
+                    m.name: {
+                        "priority": m.priority,
+                        "expected_ms": m.expected_ms,
+                        "deadline_ms": m.deadline_ms,
+                    }
                     for m in spec.methods.values()
                 },
                 "log": str(self.log_path(service, index)),
