@@ -5,80 +5,16 @@ from __future__ import annotations
 
 import os
 import random
-import resource
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
 import llmasos
-from conftest import fork_child, kill_and_wait, wait_until
+from conftest import Children, asleep, wait_until
 from llmasos.errors import ChannelClosed, StaleHandle
 
 Body = Callable[[llmasos.Channel], object]
-
-
-class Children:
-    """Forked children of one test; those not joined are killed at its end."""
-
-    def __init__(self) -> None:
-        self.live: list[int] = []
-
-    def fork(self, body: Callable[[], object]) -> int:
-        pid = fork_child(body)
-        self.live.append(pid)
-        return pid
-
-    def receiver(
-        self, heap: llmasos.Heap, body: Body, **create: int
-    ) -> tuple[int, int]:
-        """Fork a child that makes a channel and runs body on it; returns the
-        child's pid and the channel's handle."""
-        r, w = os.pipe()
-
-        def child() -> None:
-            ch = llmasos.Channel.create(heap, **create)
-            os.write(w, ch.handle.to_bytes(8, "little"))
-            body(ch)
-
-        pid = self.fork(child)
-        os.close(w)
-        data = os.read(r, 8)
-        os.close(r)
-        assert len(data) == 8, "the receiver failed to make its channel"
-        return pid, int.from_bytes(data, "little")
-
-    def join(self, pid: int, what: str) -> tuple[int, resource.struct_rusage]:
-        """Wait for pid to exit (a watchdog); its exit code and rusage."""
-        done: list[tuple[int, int, resource.struct_rusage]] = []
-
-        def exited() -> bool:
-            got = os.wait4(pid, os.WNOHANG)
-            if got[0] == pid:
-                done.append(got)
-            return bool(done)
-
-        wait_until(exited, what)
-        self.live.remove(pid)
-        return os.waitstatus_to_exitcode(done[0][1]), done[0][2]
-
-    def kill(self, pid: int) -> None:
-        kill_and_wait(pid)
-        self.live.remove(pid)
-
-
-@pytest.fixture
-def children() -> Iterator[Children]:
-    kids = Children()
-    yield kids
-    for pid in kids.live:
-        kill_and_wait(pid)
-
-
-def asleep(pid: int) -> bool:
-    """True while pid sleeps in the kernel (state S in /proc)."""
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] == "S"
 
 
 def message(i: int, size: int) -> bytes:
@@ -101,7 +37,7 @@ def test_channel_inline_bytes_arrive_in_order(
     pid = children.fork(sender)
     got = [ch.recv(timeout=30) for _ in sizes]
 
-    assert children.join(pid, "the sender to exit")[0] == 0
+    assert children.join(pid, "the sender to exit") == 0
     assert got == [message(i, size) for i, size in enumerate(sizes)]
     assert ch.stats()["sent"] == len(sizes)
     ch.destroy()
@@ -125,7 +61,7 @@ def test_channel_bytes_above_max_inline_arrive_whole(
     pid = children.fork(lambda: ch.sender().send(payload))
     got = ch.recv(timeout=30)
 
-    assert children.join(pid, "the sender to exit")[0] == 0
+    assert children.join(pid, "the sender to exit") == 0
     assert got == payload
     assert heap.stats().blocks == before.blocks
     ch.destroy()
@@ -137,7 +73,7 @@ def test_channel_large_bytes_survive_reclaim_of_their_sender(
     ch = llmasos.Channel.create(heap)
     payload = random.Random(7).randbytes(3 * ch.max_inline)
     pid = children.fork(lambda: ch.sender().send(payload))
-    assert children.join(pid, "the sender to exit")[0] == 0
+    assert children.join(pid, "the sender to exit") == 0
 
     heap.reclaim(pid)
 
@@ -173,7 +109,7 @@ def test_channel_buffer_moves_without_copy(
     os.close(r)
     got = ch.recv(timeout=30)
 
-    assert children.join(pid, "the sender to exit")[0] == 0
+    assert children.join(pid, "the sender to exit") == 0
     assert isinstance(got, llmasos.Buffer)
     assert (got.handle, got.address) == (handle, address)
     assert got.owner == os.getpid()
@@ -266,7 +202,7 @@ def test_channel_many_senders_deliver_each_message_once(
     got = [ch.recv(timeout=30).decode() for _ in range(3 * per_sender)]
 
     for pid in pids:
-        assert children.join(pid, "a sender to exit")[0] == 0
+        assert children.join(pid, "a sender to exit") == 0
     for k in range(3):
         mine = [int(m.split(":")[1]) for m in got if m.startswith(f"{k}:")]
         assert mine == list(range(per_sender))
@@ -294,7 +230,7 @@ def test_channel_killed_receiver_closes_it_for_blocked_senders(
     wait_until(lambda: asleep(pid), "the sender to block")
     children.kill(rx)
 
-    assert children.join(pid, "the blocked sender to see the channel closed")[0] == 0
+    assert children.join(pid, "the blocked sender to see the channel closed") == 0
     assert tx.stats()["closed"]
     heap.reclaim(rx)
     with pytest.raises(ChannelClosed):
@@ -362,7 +298,7 @@ def test_channel_blocked_recv_uses_no_cpu(
         ch.destroy()
 
     pid = children.fork(receiver)
-    code, usage = children.join(pid, "the receiver to time out")
+    code, usage = children.join_usage(pid, "the receiver to time out")
 
     assert code == 0
     assert usage.ru_utime + usage.ru_stime < 0.3
@@ -392,7 +328,7 @@ def test_channel_recv_is_interrupted_by_a_signal_handler(
 
     pid = children.fork(receiver)
 
-    assert children.join(pid, "the alarm to interrupt recv")[0] == 0
+    assert children.join(pid, "the alarm to interrupt recv") == 0
 
 
 def test_channel_stats_count_queued_sent_and_closed(heap: llmasos.Heap) -> None:
@@ -436,7 +372,7 @@ def test_channel_wakes_a_sleeping_receiver(
 
     tx.send(b"wake up")
 
-    assert children.join(rx, "the receiver to wake")[0] == 0
+    assert children.join(rx, "the receiver to wake") == 0
     assert tx.stats()["wakeups"] == 1
     heap.reclaim(rx)
 
@@ -458,7 +394,7 @@ def test_channel_busy_receiver_needs_no_wakeups(
     for i in range(count):
         tx.send(b"%d" % i)
 
-    assert children.join(rx, "the receiver to take every message")[0] == 0
+    assert children.join(rx, "the receiver to take every message") == 0
     after = tx.stats()
     assert after["sent"] - before["sent"] == count
     assert after["wakeups"] - before["wakeups"] < count // 20

@@ -5,51 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable, Iterator
 
 import pytest
 
 import llmasos
-from conftest import fork_child, kill_and_wait, wait_until
+from conftest import Children, asleep, wait_until
 from llmasos.errors import InvalidHandle
-
-
-class Children:
-    """Forked children of one test; those not joined are killed at its end."""
-
-    def __init__(self) -> None:
-        self.live: list[int] = []
-
-    def fork(self, body: Callable[[], object]) -> int:
-        pid = fork_child(body)
-        self.live.append(pid)
-        return pid
-
-    def join(self, pid: int, what: str) -> int:
-        """Wait for pid to exit (a watchdog); its exit code."""
-        done: list[int] = []
-
-        def exited() -> bool:
-            got, status = os.waitpid(pid, os.WNOHANG)
-            if got == pid:
-                done.append(os.waitstatus_to_exitcode(status))
-            return bool(done)
-
-        wait_until(exited, what)
-        self.live.remove(pid)
-        return done[0]
-
-    def kill(self, pid: int) -> None:
-        kill_and_wait(pid)
-        self.live.remove(pid)
-
-
-@pytest.fixture
-def children() -> Iterator[Children]:
-    kids = Children()
-    yield kids
-    for pid in kids.live:
-        kill_and_wait(pid)
 
 
 class Signal:
@@ -68,12 +29,6 @@ class Signal:
             os.close(self.w)
             self.w = -1
         assert os.read(self.r, 1) == b"x", f"a child died before {what}"
-
-
-def asleep(pid: int) -> bool:
-    """True while pid sleeps in the kernel (state S in /proc)."""
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] == "S"
 
 
 def test_lock_excludes_other_processes(heap: llmasos.Heap, children: Children) -> None:

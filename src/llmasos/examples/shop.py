@@ -6,20 +6,11 @@ import os
 from typing import Any
 
 import llmasos
+from llmasos.examples import basic
 
 
-class KV:
-    """An in-memory key-value store."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, Any] = {}
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.data.get(key, default)
-
-    def put(self, key: str, value: Any) -> bool:
-        self.data[key] = value
-        return True
+class KV(basic.KV):
+    """The key-value store of examples.basic, with its statistics."""
 
     def stats(self) -> dict[str, int]:
         return {"keys": len(self.data), "pid": os.getpid()}
