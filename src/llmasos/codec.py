@@ -20,6 +20,7 @@ caller frees them once the reply is in.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import msgpack
@@ -34,16 +35,12 @@ EXT_NDARRAY = 3
 LARGE = 16 << 10  # bytes-like values this large go through the heap
 
 
-def _ndarray_type() -> Any:
-    try:
-        import numpy
-
-        return numpy.ndarray
-    except ImportError:  # numpy is optional
-        return ()
-
-
-_NDARRAY = _ndarray_type()
+def _is_ndarray(obj: Any) -> bool:
+    """True for a numpy array; numpy is looked up, never imported here (a
+    process that made an array has imported it, and importing it costs every
+    process that did not 100 ms)."""
+    numpy = sys.modules.get("numpy")
+    return numpy is not None and isinstance(obj, numpy.ndarray)
 
 
 class Encoder:
@@ -66,7 +63,7 @@ class Encoder:
                     "with llmasos.malloc"
                 )
             return msgpack.ExtType(EXT_BUFFER, obj.handle.to_bytes(8, "little"))
-        if _NDARRAY and isinstance(obj, _NDARRAY):
+        if _is_ndarray(obj):
             return self._ndarray(obj)
         if isinstance(obj, memoryview | bytearray):
             return self._copy_in(EXT_BYTES, b"", obj)

@@ -24,9 +24,9 @@ traceback; the replica carries on.  SIGTERM ends it.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import inspect
+import json
 import os
 import signal
 import threading
@@ -122,7 +122,7 @@ class Replica:
         self.cond = threading.Condition()
         self.leader = False
         self.in_flight = 0
-        self.loop: asyncio.AbstractEventLoop | None = None
+        self.loop: Any = None  # an asyncio loop, made for the first coroutine
         self.calls = 0
 
     # ---- serving ----
@@ -143,15 +143,26 @@ class Replica:
 
     def _work(self) -> None:
         while True:
-            req = self._next()
+            item = self._next()
             try:
-                self._run(req)
+                if isinstance(item, Request):
+                    req_id, method, args, kwargs, reply, caller = item.payload
+                    self._run(
+                        req_id, method, args, kwargs, reply, caller, item.deadline
+                    )
+                else:
+                    self._run(*item)
             except Exception:  # a bug of ours: say so, keep serving
                 traceback.print_exc()
 
-    def _next(self) -> Request:
-        """The best request to run now; leads the wait on the channel when
-        nobody else does."""
+    def _next(self) -> Request | tuple:
+        """The next request to run: the best of the run queue, or, leading
+        the wait on the channel when nobody else does, the one received.
+
+        When that one is alone (nothing else queued, nothing in the channel)
+        it runs as it came, without passing through the run queue: the cost
+        of a call is the product, and no policy has a choice to make.
+        """
         with self.cond:
             while True:
                 req = self._pop()
@@ -168,22 +179,28 @@ class Replica:
                 self.leader = False
             raise
         with self.cond:
-            req = self._request(first)
+            if (
+                not len(self.queue)
+                and not self.channel.queued
+                and self.in_flight < self.max_in_flight
+            ):
+                item = self._decode(first)
+                if item is not None:
+                    self.leader = False
+                    self.in_flight += 1
+                    if self.workers > 1 and self._slow(item[1]):
+                        self._wake()  # a slow call: let another thread lead
+                    return item[:6] + (item[6],)
+            else:
+                self._queue(first)
             self._drain()  # still the leader: the channel is ours alone
             self.leader = False
-            if req is None:
-                req = self._pop()
-                self._wake()
-                return req if req is not None else self._next()
-            if len(self.queue) == 0 and self.in_flight < self.max_in_flight:
-                self.in_flight += 1
-                if self.estimator.estimate(req.method) > HAND_OVER_S:
-                    self._wake()  # a slow call: let another thread lead
-                return req  # the common case: run it on this thread
-            self.queue.push(req)
             req = self._pop()
             self._wake()
         return req if req is not None else self._next()
+
+    def _slow(self, method: str) -> bool:
+        return self.estimator.estimate(method) > HAND_OVER_S
 
     def _wake(self) -> None:
         """Wake a follower, if there is one; cond held."""
@@ -213,18 +230,29 @@ class Replica:
 
     def _drain(self) -> None:
         """Move every message waiting in the channel to the run queue."""
-        while True:
-            try:
-                msg = self.channel.recv_nowait()
-            except BlockingIOError:
-                return
-            req = self._request(msg)
-            if req is not None:
-                self.queue.push(req)
+        while self.channel.queued:
+            self._queue(self.channel.recv_nowait())
 
-    def _request(self, msg: bytes) -> Request | None:
-        """The request in msg, or None (reported in the log) for a message
-        that cannot be read: it has no reply address to answer."""
+    def _queue(self, msg: bytes) -> None:
+        item = self._decode(msg)
+        if item is None:
+            return
+        req_id, method, args, kwargs, reply, caller, deadline, arrival, prio = item
+        self.queue.push(
+            Request(
+                name=str(req_id),
+                arrival=arrival,
+                method=method,
+                priority=prio or None,
+                deadline=deadline,
+                payload=item[:6],
+            )
+        )
+
+    def _decode(self, msg: bytes) -> tuple | None:
+        """``(id, method, args, kwargs, reply, caller, deadline, arrival,
+        priority)`` of a request, or None (reported in the log) for a
+        message that cannot be read: it has no reply address to answer."""
         try:
             req_id, method, args, kwargs, reply, caller, deadline, prio, sent = (
                 self.codecs.decoder.unpack(msg)
@@ -233,23 +261,29 @@ class Replica:
             traceback.print_exc()
             return None
         arrival = min(sent / 1e9, time.monotonic())
-        if not deadline and method in self.deadlines:
-            deadline = int((arrival + self.deadlines[method]) * 1e9)
-        return Request(
-            name=str(req_id),
-            arrival=arrival,
-            method=method,
-            priority=prio if prio else None,
-            deadline=deadline / 1e9 if deadline else None,
-            payload=(req_id, method, args, kwargs, reply, caller),
-        )
+        if deadline:
+            deadline_s: float | None = deadline / 1e9
+        elif method in self.deadlines:
+            deadline_s = arrival + self.deadlines[method]
+        else:
+            deadline_s = None
+        return (req_id, method, args, kwargs, reply, caller, deadline_s, arrival, prio)
 
-    def _run(self, req: Request) -> None:
-        req_id, method, args, kwargs, reply, caller = req.payload
-        if req.deadline is not None and time.monotonic() >= req.deadline:
+    def _run(
+        self,
+        req_id: int,
+        method: str,
+        args: list,
+        kwargs: dict,
+        reply: int,
+        caller: int,
+        deadline: float | None,
+    ) -> None:
+        payload = (req_id, method, args, kwargs, reply, caller)
+        if deadline is not None and time.monotonic() >= deadline:
             self._done()
             self._reply_error(
-                req.payload,
+                payload,
                 "DeadlineExceeded",
                 "the call's deadline passed before it could run",
             )
@@ -257,7 +291,7 @@ class Replica:
         t0 = time.perf_counter()
         ok, value = self._call(method, args, kwargs)
         if ok and inspect.isawaitable(value):
-            self._start_async(req, value)
+            self._start_async(payload, value)
             return
         self.estimator.record(method, time.perf_counter() - t0)
         self._done()
@@ -282,14 +316,16 @@ class Replica:
         except Exception as exc:
             return False, [type(exc).__name__, str(exc), traceback.format_exc()]
 
-    def _start_async(self, req: Request, coro: Any) -> None:
+    def _start_async(self, payload: tuple, coro: Any) -> None:
         """Run a coroutine on the replica's event loop; reply when it ends."""
+        import asyncio  # only services with coroutine methods need it
+
         if self.loop is None:
             self.loop = asyncio.new_event_loop()
             threading.Thread(
                 target=self.loop.run_forever, name="loop", daemon=True
             ).start()
-        req_id, method, _args, _kwargs, reply, caller = req.payload
+        req_id, method, _args, _kwargs, reply, caller = payload
         t0 = time.perf_counter()
 
         async def run() -> None:
@@ -350,13 +386,18 @@ def run(spec: dict[str, Any]) -> int:
         heap.set_quota(os.getpid(), spec["quota_pages"])
     obj = load_entry(spec["entry"])()
     replica = Replica(spec["service"], spec["replica"], obj, heap, spec)
-    control.request(
-        "ready",
-        system=spec["system"],
-        pid=os.getpid(),
-        service=spec["service"],
-        replica=spec["replica"],
-        channel=replica.channel.handle,
-    )
+    ready = {"op": "ready", "pid": os.getpid(), "channel": replica.channel.handle}
+    if "ready_fd" in spec:  # through the fork server: one write, atomic
+        os.write(spec["ready_fd"], json.dumps(ready).encode() + b"\n")
+        os.close(spec["ready_fd"])
+    else:
+        control.request(
+            "ready",
+            system=spec["system"],
+            pid=os.getpid(),
+            service=spec["service"],
+            replica=spec["replica"],
+            channel=replica.channel.handle,
+        )
     replica.serve()
     return 0

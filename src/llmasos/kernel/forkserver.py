@@ -11,8 +11,13 @@ Messages, one JSON object a line:
     kernel -> server   {"op": "spawn", "id": N, "spec": {...}}
                        {"op": "preload", "module": "pkg.mod"}
     server -> kernel   {"op": "spawned", "id": N, "pid": P}
+                       {"op": "ready", "pid": P, "channel": H}
                        {"op": "exit", "pid": P, "code": C}
                        (C is the exit code, or minus the signal number)
+
+A replica says it is ready by writing a line to a pipe the server made
+before forking it (cheaper than a connection to the control socket); the
+server passes the line on, always after the replica's "spawned".
 
 The server dies with the kernel (PR_SET_PDEATHSIG), and every replica dies
 with the server, so killing the kernel leaves no process behind.
@@ -65,6 +70,9 @@ class _Server:
         self.sock = sock
         self.pending = b""
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.ready_r, self.ready_w = os.pipe()
+        os.set_blocking(self.ready_r, False)
+        self.ready_pending = b""
         signal.set_wakeup_fd(self.wake_w)
         signal.signal(signal.SIGCHLD, lambda *a: None)
         for module in preload:
@@ -80,13 +88,26 @@ class _Server:
         sel = selectors.DefaultSelector()
         sel.register(self.sock, selectors.EVENT_READ, "kernel")
         sel.register(self.wake_r, selectors.EVENT_READ, "signal")
+        sel.register(self.ready_r, selectors.EVENT_READ, "ready")
         while True:
             for key, _ in sel.select():
                 if key.data == "signal":
                     self._drain_wakeups()
                     self._reap()
+                elif key.data == "ready":
+                    self._forward_ready()
                 elif not self._request():
                     return
+
+    def _forward_ready(self) -> None:
+        """Pass the replicas' ready lines on to the kernel."""
+        try:
+            data = os.read(self.ready_r, 65536)
+        except BlockingIOError:
+            return
+        *lines, self.ready_pending = (self.ready_pending + data).split(b"\n")
+        for line in lines:
+            self.sock.sendall(line + b"\n")
 
     def _drain_wakeups(self) -> None:
         try:
@@ -141,6 +162,8 @@ def _child(spec: dict[str, Any], server: _Server) -> int:
         server.sock.close()
         os.close(server.wake_r)
         os.close(server.wake_w)
+        os.close(server.ready_r)
+        spec["ready_fd"] = server.ready_w
         _core.set_pdeathsig(signal.SIGKILL)
         _redirect(spec["log"])
         _apply_os_settings(spec)

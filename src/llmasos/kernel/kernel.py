@@ -61,7 +61,6 @@ class Proc:
     started: float = field(default_factory=time.monotonic)
     channel: int = 0
     parent: int = 0
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     def row(self) -> dict[str, Any]:
         return {
@@ -97,6 +96,8 @@ class Kernel:
         self.spawn_ids = 0
         self.spawning: dict[int, asyncio.Future[int]] = {}
         self.pidfds: dict[int, int] = {}
+        self.early_ready: dict[int, int] = {}  # pid -> channel, before spawned
+        self.changed = asyncio.Event()  # a replica got ready or a service failed
         self.booted = time.monotonic()
 
     # ---- boot and shutdown ----
@@ -273,6 +274,8 @@ class Kernel:
         proc = Proc(pid, "replica", service, index, restarts=svc.restarts.get(index, 0))
         self.procs[pid] = proc
         svc.replicas[index] = proc
+        if pid in self.early_ready:
+            self.mark_ready(pid, self.early_ready.pop(pid))
         self.save_state()
         log.info("service %s replica %d started (pid %d)", service, index, pid)
 
@@ -293,6 +296,8 @@ class Kernel:
             msg = json.loads(line)
             if msg["op"] == "spawned":
                 self.spawning.pop(msg["id"]).set_result(msg["pid"])
+            elif msg["op"] == "ready":
+                self.mark_ready(msg["pid"], msg["channel"])
             elif msg["op"] == "exit":
                 self.on_exit(msg["pid"], msg["code"])
         if not self.stopping.is_set():
@@ -302,20 +307,36 @@ class Kernel:
     async def wait_ready(
         self, services: list[str], timeout: float = READY_TIMEOUT_S
     ) -> None:
+        """Wait until every replica of services is ready (or the service
+        failed); woken by each change rather than polling."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
+            self.changed.clear()
             pending = [
                 s
                 for s in services
-                if not self.services[s].supervisor.failed
+                if s in self.services
+                and not self.services[s].supervisor.failed
                 and len(self.ready_replicas(s)) < self.services[s].spec.replicas
             ]
             if not pending:
                 return
-            await asyncio.sleep(0.005)
-        raise KernelError(
-            f"services not ready after {timeout:g} s: {', '.join(pending)}"
-        )
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise KernelError(
+                    f"services not ready after {timeout:g} s: {', '.join(pending)}"
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), left)
+
+    def mark_ready(self, pid: int, channel: int) -> None:
+        proc = self.procs.get(pid)
+        if proc is None:
+            self.early_ready[pid] = channel  # its "spawned" is being handled
+            return
+        proc.channel = channel
+        proc.state = "ready"
+        self.changed.set()
 
     def ready_replicas(self, service: str) -> list[Proc]:
         svc = self.services[service]
@@ -354,6 +375,7 @@ class Kernel:
                 ),
             )
         elif decision.failed:
+            self.changed.set()
             log.error(
                 "service %s failed: %s; not restarting", proc.service, decision.reason
             )
@@ -397,6 +419,8 @@ class Kernel:
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            pass  # the kernel is shutting down with this client still there
         finally:
             writer.close()
 
@@ -448,16 +472,7 @@ class Kernel:
     async def op_ready(
         self, pid: int, service: str, replica: int, channel: int
     ) -> None:
-        # A quick replica can say it is ready before its spawn is recorded.
-        deadline = time.monotonic() + 5
-        while pid not in self.procs and time.monotonic() < deadline:
-            await asyncio.sleep(0.001)
-        proc = self.procs.get(pid)
-        if proc is None:
-            raise KernelError(f"pid {pid} is not a replica of this system")
-        proc.channel = channel
-        proc.state = "ready"
-        proc.ready.set()
+        self.mark_ready(pid, channel)
 
     async def op_resolve(self, service: str) -> dict[str, Any]:
         svc = self.services.get(service)
