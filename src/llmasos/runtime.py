@@ -120,6 +120,8 @@ class Replica:
         self.workers = max(1, spec.get("workers", 1))
         self.max_in_flight = max(1, spec.get("max_in_flight", 64))
         self.cond = threading.Condition()
+        self.threads = 1  # workers started: this one, then more on demand
+        self.idle = 0  # workers waiting on cond
         self.leader = False
         self.in_flight = 0
         self.loop: Any = None  # an asyncio loop, made for the first coroutine
@@ -130,10 +132,6 @@ class Replica:
     def serve(self) -> None:
         """Serve until SIGTERM (the main thread is one of the workers)."""
         signal.signal(signal.SIGTERM, _stop)
-        for i in range(self.workers - 1):
-            threading.Thread(
-                target=self._work, name=f"worker-{i + 1}", daemon=True
-            ).start()
         try:
             self._work()
         except _Stop:
@@ -171,7 +169,9 @@ class Replica:
                 if not self.leader:
                     self.leader = True
                     break
+                self.idle += 1
                 self.cond.wait()
+                self.idle -= 1
         try:
             first = self.channel.recv()
         except BaseException:
@@ -203,9 +203,14 @@ class Replica:
         return self.estimator.estimate(method) > HAND_OVER_S
 
     def _wake(self) -> None:
-        """Wake a follower, if there is one; cond held."""
-        if self.workers > 1:
+        """Wake a follower; cond held.  Workers start when first needed:
+        most replicas never need more than the one that receives."""
+        if self.idle:
             self.cond.notify()
+        elif self.threads < self.workers:
+            self.threads += 1
+            name = f"worker-{self.threads - 1}"
+            threading.Thread(target=self._work, name=name, daemon=True).start()
 
     def _pop(self) -> Request | None:
         """Pop the best request if one may start; cond held.
@@ -374,6 +379,18 @@ class Replica:
         if sender is None:
             sender = self.senders[handle] = Sender.open(self.heap, handle)
         return sender
+
+
+def prewarm() -> None:
+    """Run, in a spare process waiting to become a replica, the code a
+    replica runs first: its first touch of the pages it shares with the fork
+    server copies them, and that is better done before a spawn than during
+    one."""
+    json.loads(json.dumps({"op": "ready", "pid": 0, "channel": 0}))
+    for name in ("fifo", "priority", "hrrn", "edf"):
+        make_policy(name, estimator=DurationEstimator())
+    threading.Condition()
+    _Codecs.__new__(_Codecs)
 
 
 def run(spec: dict[str, Any]) -> int:

@@ -11,13 +11,19 @@ Messages, one JSON object a line:
     kernel -> server   {"op": "spawn", "id": N, "spec": {...}}
                        {"op": "preload", "module": "pkg.mod"}
     server -> kernel   {"op": "spawned", "id": N, "pid": P}
-                       {"op": "ready", "pid": P, "channel": H}
                        {"op": "exit", "pid": P, "code": C}
+    replica -> kernel  {"op": "ready", "pid": P, "channel": H}
                        (C is the exit code, or minus the signal number)
 
-A replica says it is ready by writing a line to a pipe the server made
-before forking it (cheaper than a connection to the control socket); the
-server passes the line on, always after the replica's "spawned".
+A replica says it is ready by writing a line to a pipe the kernel made before
+forking the server (cheaper than a connection to the control socket, and one
+wake-up fewer than a relay through the server); the line may reach the
+kernel before the server's "spawned" for the same pid.
+
+To take the fork out of a spawn's latency, the server keeps one spare
+child forked in advance, blocked on a pipe; a spawn writes the spec to it and
+forks the next spare (as Android's zygote keeps a pool of unspecialised
+processes).  A spare that is not a replica yet exits when its pipe closes.
 
 The server dies with the kernel (PR_SET_PDEATHSIG), and every replica dies
 with the server, so killing the kernel leaves no process behind.
@@ -25,6 +31,7 @@ with the server, so killing the kernel leaves no process behind.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import os
@@ -37,12 +44,17 @@ from typing import Any
 
 from llmasos import _core
 
+SPARE_IDLE_S = 0.005
 
-def start(preload: list[str], close: list[int]) -> tuple[int, socket.socket]:
+
+def start(
+    preload: list[str], close: list[int], ready_w: int
+) -> tuple[int, socket.socket]:
     """Fork the server; returns its pid and the kernel's end of its socket.
 
     ``close`` are the kernel's descriptors the server must not keep (its
-    lock, which would outlive a killed kernel in the server's children).
+    lock, which would outlive a killed kernel in the server's children);
+    ``ready_w`` is the pipe on which replicas tell the kernel they are ready.
     """
     ours, theirs = socket.socketpair()
     pid = os.fork()
@@ -52,7 +64,7 @@ def start(preload: list[str], close: list[int]) -> tuple[int, socket.socket]:
             os.close(fd)
         code = 0
         try:
-            _Server(theirs, preload).serve()
+            _Server(theirs, preload, ready_w).serve()
         except BaseException:
             traceback.print_exc()
             code = 1
@@ -62,7 +74,7 @@ def start(preload: list[str], close: list[int]) -> tuple[int, socket.socket]:
 
 
 class _Server:
-    def __init__(self, sock: socket.socket, preload: list[str]) -> None:
+    def __init__(self, sock: socket.socket, preload: list[str], ready_w: int) -> None:
         _core.set_pdeathsig(signal.SIGKILL)
         os.setpgid(0, 0)  # Ctrl-C in the terminal goes to the kernel only
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -70,13 +82,21 @@ class _Server:
         self.sock = sock
         self.pending = b""
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.ready_r, self.ready_w = os.pipe()
-        os.set_blocking(self.ready_r, False)
-        self.ready_pending = b""
+        self.ready_w = ready_w
         signal.set_wakeup_fd(self.wake_w)
         signal.signal(signal.SIGCHLD, lambda *a: None)
         for module in preload:
             self._preload(module)
+        self._freeze()
+        self.spare: tuple[int, int] | None = None  # (pid, its spec pipe)
+
+    @staticmethod
+    def _freeze() -> None:
+        """Move every object made so far out of the collector's sight, so
+        that a child's first collection does not write to (and so copy) the
+        pages of all the objects it inherited."""
+        gc.collect()
+        gc.freeze()
 
     def _preload(self, module: str) -> None:
         try:
@@ -88,26 +108,19 @@ class _Server:
         sel = selectors.DefaultSelector()
         sel.register(self.sock, selectors.EVENT_READ, "kernel")
         sel.register(self.wake_r, selectors.EVENT_READ, "signal")
-        sel.register(self.ready_r, selectors.EVENT_READ, "ready")
         while True:
-            for key, _ in sel.select():
+            # The next spare is forked once the server is idle (5 ms without
+            # a message), so as not to delay the ready of the replica just
+            # started nor the spawns of a burst.
+            events = sel.select(SPARE_IDLE_S if self.spare is None else None)
+            if not events and self.spare is None:
+                self._fork_spare()
+            for key, _ in events:
                 if key.data == "signal":
                     self._drain_wakeups()
                     self._reap()
-                elif key.data == "ready":
-                    self._forward_ready()
                 elif not self._request():
                     return
-
-    def _forward_ready(self) -> None:
-        """Pass the replicas' ready lines on to the kernel."""
-        try:
-            data = os.read(self.ready_r, 65536)
-        except BlockingIOError:
-            return
-        *lines, self.ready_pending = (self.ready_pending + data).split(b"\n")
-        for line in lines:
-            self.sock.sendall(line + b"\n")
 
     def _drain_wakeups(self) -> None:
         try:
@@ -129,6 +142,8 @@ class _Server:
                 self._send({"op": "spawned", "id": msg["id"], "pid": pid})
             elif msg["op"] == "preload":
                 self._preload(msg["module"])
+                self._freeze()
+                self._replace_spare()
         return True
 
     def _send(self, msg: dict[str, Any]) -> None:
@@ -147,14 +162,42 @@ class _Server:
             )
 
     def _spawn(self, spec: dict[str, Any]) -> int:
-        pid = os.fork()
-        if pid == 0:
-            os._exit(_child(spec, self))
+        """Start a replica: hand spec to the spare child forked in advance,
+        then fork the next spare.  The cost of a fork of this big process
+        (milliseconds, most of it in copy-on-write faults) is thus paid
+        between spawns, not during one."""
+        if self.spare is None:
+            self._fork_spare()
+        assert self.spare is not None
+        pid, spec_w = self.spare
+        self.spare = None
+        try:
+            os.write(spec_w, json.dumps(spec).encode() + b"\n")
+        except BrokenPipeError:  # the spare died; its exit is reported
+            os.close(spec_w)
+            return self._spawn(spec)
+        os.close(spec_w)
         return pid
 
+    def _fork_spare(self) -> None:
+        spec_r, spec_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(spec_w)
+            os._exit(_child(spec_r, self))
+        os.close(spec_r)
+        self.spare = (pid, spec_w)
 
-def _child(spec: dict[str, Any], server: _Server) -> int:
-    """The first moments of a replica: cut from the server, then run."""
+    def _replace_spare(self) -> None:
+        """Fork a spare that has every module preloaded so far."""
+        if self.spare is not None:
+            os.close(self.spare[1])  # the old spare reads EOF and exits
+            self.spare = None
+        self._fork_spare()
+
+
+def _child(spec_r: int, server: _Server) -> int:
+    """A spare: cut from the server, wait for a spec, then become a replica."""
     try:
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGTERM):
@@ -162,14 +205,20 @@ def _child(spec: dict[str, Any], server: _Server) -> int:
         server.sock.close()
         os.close(server.wake_r)
         os.close(server.wake_w)
-        os.close(server.ready_r)
-        spec["ready_fd"] = server.ready_w
+        if server.spare is not None:
+            os.close(server.spare[1])
         _core.set_pdeathsig(signal.SIGKILL)
+        from llmasos import runtime
+
+        runtime.prewarm()
+        line = _read_line(spec_r)
+        if not line:
+            return 0  # replaced by a newer spare, or the server is gone
+        spec = json.loads(line)
+        spec["ready_fd"] = server.ready_w
         _redirect(spec["log"])
         _apply_os_settings(spec)
         os.environ.update(spec["env"])
-        from llmasos import runtime
-
         code = runtime.run(spec)
     except BaseException:
         traceback.print_exc()
@@ -178,6 +227,16 @@ def _child(spec: dict[str, Any], server: _Server) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
     return code
+
+
+def _read_line(fd: int) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return b""
+        data += chunk
+    return data
 
 
 def _redirect(path: str) -> None:

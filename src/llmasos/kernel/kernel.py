@@ -147,9 +147,15 @@ class Kernel:
         preload = sorted(
             {s.entry.partition(":")[0] for s in self.manifest.services.values()}
         )
+        self.ready_r, ready_w = os.pipe()
         self.fs_pid, self.fs_sock = forkserver.start(
-            ["llmasos.runtime", *preload], close=[self.lock_file.fileno()]
+            ["llmasos.runtime", *preload],
+            close=[self.lock_file.fileno(), self.ready_r],
+            ready_w=ready_w,
         )
+        os.close(ready_w)
+        os.set_blocking(self.ready_r, False)
+        self.ready_pending = b""
         self.procs[self.fs_pid] = Proc(self.fs_pid, "forkserver", state="ready")
 
     def save_state(self) -> None:
@@ -172,6 +178,7 @@ class Kernel:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stopping.set)
         reader, self.fs_writer = await asyncio.open_connection(sock=self.fs_sock)
+        loop.add_reader(self.ready_r, self.ready_lines)
         fs_task = asyncio.create_task(self.forkserver_events(reader))
         sock_path = self.dir / "control.sock"
         server = await asyncio.start_unix_server(self.serve_client, path=str(sock_path))
@@ -276,7 +283,7 @@ class Kernel:
         svc.replicas[index] = proc
         if pid in self.early_ready:
             self.mark_ready(pid, self.early_ready.pop(pid))
-        self.save_state()
+        asyncio.get_running_loop().call_soon(self.save_state)
         log.info("service %s replica %d started (pid %d)", service, index, pid)
 
     def log_path(self, service: str, index: int) -> Path:
@@ -296,8 +303,6 @@ class Kernel:
             msg = json.loads(line)
             if msg["op"] == "spawned":
                 self.spawning.pop(msg["id"]).set_result(msg["pid"])
-            elif msg["op"] == "ready":
-                self.mark_ready(msg["pid"], msg["channel"])
             elif msg["op"] == "exit":
                 self.on_exit(msg["pid"], msg["code"])
         if not self.stopping.is_set():
@@ -328,6 +333,17 @@ class Kernel:
                 )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), left)
+
+    def ready_lines(self) -> None:
+        """Read what replicas wrote on the ready pipe."""
+        try:
+            data = os.read(self.ready_r, 65536)
+        except BlockingIOError:
+            return
+        *lines, self.ready_pending = (self.ready_pending + data).split(b"\n")
+        for line in lines:
+            msg = json.loads(line)
+            self.mark_ready(msg["pid"], msg["channel"])
 
     def mark_ready(self, pid: int, channel: int) -> None:
         proc = self.procs.get(pid)
