@@ -139,6 +139,26 @@ int llm_set_quota(llm_heap *h, pid_t pid, uint32_t pages)
     return p ? 0 : LLM_ETABLEFULL;
 }
 
+unsigned llm_heap_proc_pages(llm_heap *h, struct llm_proc_stats *procs,
+                             unsigned max)
+{
+    unsigned n = 0;
+
+    heap_lock(h);
+    for (uint32_t i = 0; i < h->hdr->max_procs && n < max; i++) {
+        struct llm_proc *p = proc_entry(h, i);
+        if (p->pid <= 0)
+            continue;
+        memset(&procs[n], 0, sizeof procs[n]);
+        procs[n].pid = p->pid;
+        procs[n].pages = p->pages;
+        procs[n].quota_pages = p->quota;
+        n++;
+    }
+    heap_unlock(h);
+    return n;
+}
+
 /* ---- free bins; under the heap lock ---- */
 
 static unsigned bin_of(uint32_t len)

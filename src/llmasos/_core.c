@@ -751,6 +751,33 @@ static PyObject *heap_stats(HeapObject *self, PyObject *Py_UNUSED(a))
     return d;
 }
 
+/* _proc_pages() -> {pid: pages}: the process table, no walk of the heap. */
+static PyObject *heap_proc_pages(HeapObject *self, PyObject *Py_UNUSED(a))
+{
+    enum { MAXP = 4096 };
+    struct llm_proc_stats *procs;
+    PyObject *d;
+    unsigned n;
+
+    if (!heap_usable(self))
+        return NULL;
+    procs = PyMem_Malloc(MAXP * sizeof *procs);
+    if (procs == NULL)
+        return PyErr_NoMemory();
+    n = llm_heap_proc_pages(self->h, procs, MAXP);
+    d = PyDict_New();
+    for (unsigned i = 0; d && i < n; i++) {
+        PyObject *k = PyLong_FromLong(procs[i].pid);
+        PyObject *v = PyLong_FromUnsignedLong(procs[i].pages);
+        if (k == NULL || v == NULL || PyDict_SetItem(d, k, v) < 0)
+            Py_CLEAR(d);
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+    }
+    PyMem_Free(procs);
+    return d;
+}
+
 static PyObject *heap_get_name(HeapObject *self, void *Py_UNUSED(c))
 {
     if (!heap_usable(self))
@@ -823,6 +850,7 @@ static PyMethodDef heap_methods[] = {
     { "set_quota", (PyCFunction)heap_set_quota, METH_VARARGS,
       "set_quota(pid, pages): limit pid to pages pages (0: no limit)." },
     { "_stats", (PyCFunction)heap_stats, METH_NOARGS, NULL },
+    { "_proc_pages", (PyCFunction)heap_proc_pages, METH_NOARGS, NULL },
     { "close", (PyCFunction)heap_close, METH_NOARGS,
       "close(): unmap the heap from this process." },
     { NULL }

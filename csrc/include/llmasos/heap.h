@@ -46,6 +46,8 @@ struct llm_heap_options {
     int huge_pages;         /* back the heap with hugetlbfs pages */
 };
 
+struct llm_proc_stats;
+
 /* Create a new heap named name ([A-Za-z0-9_.-], at most 47 bytes). */
 int llm_heap_create(const char *name, const struct llm_heap_options *opt,
                     llm_heap **out);
@@ -80,6 +82,13 @@ int llm_heap_reclaim(llm_heap *h, pid_t pid);
 void llm_heap_trim(llm_heap *h);
 /* Limit pid to at most pages pages (0 lifts the limit). */
 int llm_set_quota(llm_heap *h, pid_t pid, uint32_t pages);
+
+/*
+ * The page counts of the process table, without walking the heap: fills
+ * up to max entries (pid, pages, quota_pages) and returns how many.
+ */
+unsigned llm_heap_proc_pages(llm_heap *h, struct llm_proc_stats *procs,
+                             unsigned max);
 
 struct llm_proc_stats {
     pid_t pid;

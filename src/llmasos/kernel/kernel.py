@@ -503,7 +503,7 @@ class Kernel:
         }
 
     async def op_ps(self) -> dict[str, Any]:
-        pages = {p.pid: p.pages for p in self.heap.stats().procs}
+        pages = self.heap._proc_pages()  # the process table: no walk of the heap
         rows = []
         for proc in sorted(
             self.procs.values(), key=lambda p: (p.service, p.replica, p.pid)
