@@ -50,6 +50,8 @@ import tempfile
 import time
 import traceback
 
+from _load import OtherLoadMeter
+
 now = time.perf_counter_ns
 MIB = 1 << 20
 PING = bytes(range(64))
@@ -879,31 +881,6 @@ def machine() -> dict:
         "start_method": START_METHOD,
         "versions": versions,
     }
-
-
-def _machine_busy_s() -> float:
-    """CPU seconds the whole machine spent outside idle since boot."""
-    with open("/proc/stat") as f:
-        ticks = [int(n) for n in f.readline().split()[1:8]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_s() -> float:
-    """CPU seconds used by this process and its ended children."""
-    mine = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return mine.ru_utime + mine.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-class OtherLoadMeter:
-    """CPU that processes outside this benchmark used, in % of one CPU."""
-
-    def __init__(self) -> None:
-        self.busy0, self.ours0, self.wall0 = _machine_busy_s(), _own_cpu_s(), now()
-
-    def percent(self) -> float:
-        other = (_machine_busy_s() - self.busy0) - (_own_cpu_s() - self.ours0)
-        return max(0.0, 100.0 * other / ((now() - self.wall0) / 1e9))
 
 
 def regime(info: dict, plan: Plan) -> str:

@@ -58,6 +58,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from _load import machine_busy_s
+
 now = time.perf_counter_ns
 PAYLOAD = b"x" * 64
 POLL_S = 0.001
@@ -633,21 +635,14 @@ def channel_spin_us() -> float:
 # -- report -------------------------------------------------------------------
 
 
-def _machine_busy_s() -> float:
-    """CPU seconds the whole machine spent outside idle since boot."""
-    with open("/proc/stat") as f:
-        ticks = [int(n) for n in f.readline().split()[1:8]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-
-
 def other_load_pct(seconds: float = 0.3) -> float:
     """CPU used by other processes while this run sleeps, in % of one CPU.
 
     Taken between the phases, when every process of the run sleeps.
     """
-    before = _machine_busy_s()
+    before = machine_busy_s()
     time.sleep(seconds)
-    return 100.0 * (_machine_busy_s() - before) / seconds
+    return 100.0 * (machine_busy_s() - before) / seconds
 
 
 def regime(row: dict) -> str:

@@ -54,7 +54,6 @@ import multiprocessing
 import os
 import platform
 import random
-import resource
 import shutil
 import signal
 import subprocess
@@ -67,6 +66,8 @@ import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from _load import OtherLoadMeter
 
 POLICIES = ("fifo", "priority", "hrrn", "edf")
 KINDS = ("short", "long")
@@ -197,34 +198,6 @@ def _cpu_s(pid: int) -> float:
     if fields is None:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _machine_busy_s() -> float:
-    """CPU seconds the whole machine spent outside idle since boot."""
-    with open("/proc/stat") as f:
-        ticks = [int(n) for n in f.readline().split()[1:8]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_s() -> float:
-    """CPU seconds used by this process and its ended children."""
-    mine = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return mine.ru_utime + mine.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-class OtherLoadMeter:
-    """CPU that processes outside this benchmark used, in % of one CPU."""
-
-    def __init__(self) -> None:
-        self.busy0, self.own0 = _machine_busy_s(), _own_cpu_s()
-        self.wall0 = time.monotonic()
-
-    def percent(self, system_cpu_s: float) -> float:
-        """The share since the meter started, given the CPU the system used."""
-        busy = _machine_busy_s() - self.busy0
-        other = busy - (_own_cpu_s() - self.own0) - system_cpu_s
-        return max(0.0, 100.0 * other / (time.monotonic() - self.wall0))
 
 
 class System:
