@@ -57,21 +57,36 @@ int mutex_init_robust(pthread_mutex_t *m)
 }
 
 /*
+ * A waiter woken by an unlock takes the lock only when it runs again; if it
+ * is killed in between, the wake-up is lost and the other waiters would
+ * sleep for ever on a free lock (robust mutexes cover dead owners, not dead
+ * waiters).  So nobody sleeps on a mutex longer than this before looking
+ * again.
+ */
+#define LOST_WAKE_NS 20000000
+
+/*
  * Acquire m, waiting at most timeout_ns (negative: for ever).  Returns 0,
  * LLM_EOWNERDEAD with m held (the caller repairs, then calls
  * mutex_consistent), LLM_ETIMEDOUT, or LLM_EDEADLK.
  */
 int mutex_acquire(pthread_mutex_t *m, int64_t timeout_ns)
 {
-    int rc;
+    int64_t deadline = timeout_ns < 0 ? -1 : now_ns() + timeout_ns;
+    int rc = pthread_mutex_trylock(m);
 
-    if (timeout_ns < 0) {
-        rc = pthread_mutex_lock(m);
-    } else if (timeout_ns == 0) {
-        rc = pthread_mutex_trylock(m);
-    } else {
-        struct timespec ts = ns_to_abs(timeout_ns);
+    while (rc == EBUSY && timeout_ns != 0) {
+        int64_t left = deadline < 0 ? LOST_WAKE_NS : deadline - now_ns();
+        struct timespec ts;
+
+        if (left <= 0) {
+            rc = ETIMEDOUT;
+            break;
+        }
+        ts = ns_to_abs(left < LOST_WAKE_NS ? left : LOST_WAKE_NS);
         rc = pthread_mutex_clocklock(m, CLOCK_MONOTONIC, &ts);
+        if (rc == ETIMEDOUT)
+            rc = EBUSY;
     }
     switch (rc) {
     case 0:
@@ -304,7 +319,9 @@ int llm_sem_release(llm_heap *h, llm_sync_id id)
     sem_note(s, getpid(), -1);
     atomic_fetch_add(&s->seq, 1);
     mutex_release(&s->mutex);
-    futex_wake(&s->seq, 1);
+    /* all, not one: a waiter woken and killed before it took the unit
+     * would leave the others asleep */
+    futex_wake(&s->seq, INT_MAX);
     return 0;
 }
 

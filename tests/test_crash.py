@@ -530,11 +530,6 @@ def large_churn(name: str, seed: int, conn: Connection) -> None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(
-    strict=False,
-    reason="intermittent: about one run in ten, a freshly forked churner never "
-    "reports ready within the watchdog; not yet explained (docs/limitations.md)",
-)
 def test_crash_heap_lock_holder_killed_mid_operation_is_repaired(make_heap) -> None:
     heap = make_heap(64 << 20)
     pins = fragment(heap)
