@@ -44,6 +44,8 @@ from llmasos.sched.policies import DurationEstimator, Request, make_policy
 
 REPLICA_ENV = "LLMASOS_REPLICA"  # "service/index" in every replica
 
+CHANNEL_CAPACITY = 1024  # requests a replica's channel holds
+
 # A call expected to take longer than this hands the channel to another
 # worker while it runs; a quicker one keeps it, as waking a thread would cost
 # more than the call.
@@ -92,11 +94,12 @@ class Replica:
         obj: object,
         heap: Heap,
         spec: dict[str, Any] | None = None,
+        channel: Channel | None = None,
     ) -> None:
         spec = spec or {}
         self.service, self.index, self.heap = service, index, heap
         self.methods = public_methods(obj)
-        self.channel = Channel.create(heap, capacity=1024)
+        self.channel = channel or Channel.create(heap, capacity=CHANNEL_CAPACITY)
         self.codecs = _Codecs(heap)
         self.senders: dict[int, Sender] = {}
         methods = spec.get("methods", {})
@@ -381,19 +384,22 @@ class Replica:
         return sender
 
 
-def prewarm() -> None:
-    """Run, in a spare process waiting to become a replica, the code a
-    replica runs first: its first touch of the pages it shares with the fork
-    server copies them, and that is better done before a spawn than during
-    one."""
+def prepare(heap_name: str) -> Channel:
+    """What a spare process waiting to become a replica can do before it
+    knows which: attach the heap and open the channel (it already is the
+    replica's process).  It also runs, once, the code a replica runs first:
+    the first touch of a page shared with the fork server copies it, which
+    is better done before a spawn than during one."""
+    heap = Heap.attach(heap_name)
     json.loads(json.dumps({"op": "ready", "pid": 0, "channel": 0}))
     for name in ("fifo", "priority", "hrrn", "edf"):
         make_policy(name, estimator=DurationEstimator())
     threading.Condition()
-    _Codecs.__new__(_Codecs)
+    _Codecs(heap)
+    return Channel.create(heap, capacity=CHANNEL_CAPACITY)
 
 
-def run(spec: dict[str, Any]) -> int:
+def run(spec: dict[str, Any], channel: Channel | None = None) -> int:
     """Body of a replica process; returns its exit code."""
     heap = Heap.attach(spec["heap"])
     import llmasos
@@ -402,7 +408,7 @@ def run(spec: dict[str, Any]) -> int:
     if spec.get("quota_pages"):
         heap.set_quota(os.getpid(), spec["quota_pages"])
     obj = load_entry(spec["entry"])()
-    replica = Replica(spec["service"], spec["replica"], obj, heap, spec)
+    replica = Replica(spec["service"], spec["replica"], obj, heap, spec, channel)
     ready = {"op": "ready", "pid": os.getpid(), "channel": replica.channel.handle}
     if "ready_fd" in spec:  # through the fork server: one write, atomic
         os.write(spec["ready_fd"], json.dumps(ready).encode() + b"\n")

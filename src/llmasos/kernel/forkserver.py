@@ -210,7 +210,9 @@ def _child(spec_r: int, server: _Server) -> int:
         _core.set_pdeathsig(signal.SIGKILL)
         from llmasos import runtime
 
-        runtime.prewarm()
+        for stream in (sys.stdout, sys.stderr):
+            stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+        prepared = runtime.prepare(os.environ["LLMASOS_HEAP"])
         line = _read_line(spec_r)
         if not line:
             return 0  # replaced by a newer spare, or the server is gone
@@ -219,7 +221,7 @@ def _child(spec_r: int, server: _Server) -> int:
         _redirect(spec["log"])
         _apply_os_settings(spec)
         os.environ.update(spec["env"])
-        code = runtime.run(spec)
+        code = runtime.run(spec, prepared)
     except BaseException:
         traceback.print_exc()
         code = 1
@@ -240,6 +242,7 @@ def _read_line(fd: int) -> bytes:
 
 
 def _redirect(path: str) -> None:
+    """Send fds 1 and 2 (and so sys.stdout and sys.stderr) to the log."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -247,8 +250,6 @@ def _redirect(path: str) -> None:
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
-    sys.stdout = open(1, "w", buffering=1, closefd=False)
-    sys.stderr = open(2, "w", buffering=1, closefd=False)
 
 
 def _apply_os_settings(spec: dict[str, Any]) -> None:
