@@ -534,7 +534,7 @@ class Kernel:
             rows.append(
                 {
                     "pid": p.pid,
-                    "service": proc.service if proc else "",
+                    "service": _mem_owner(proc),
                     "replica": proc.replica if proc else -1,
                     "pages": p.pages,
                     "page_size": S,
@@ -546,7 +546,7 @@ class Kernel:
             )
         by_service: dict[str, dict[str, int]] = {}
         for r in rows:
-            agg = by_service.setdefault(r["service"] or "-", {"pages": 0, "bytes": 0})
+            agg = by_service.setdefault(r["service"], {"pages": 0, "bytes": 0})
             agg["pages"] += r["pages"]
             agg["bytes"] += r["bytes"]
         return {
@@ -638,6 +638,15 @@ class Kernel:
 
 
 OPS = sorted(name[3:] for name in dir(Kernel) if name.startswith("op_"))
+
+
+def _mem_owner(proc: Proc | None) -> str:
+    """Who to charge a process's pages to in ``mem``: its service, else its
+    kind; "(other)" for one the kernel does not list (the fork server's spare,
+    which has opened its channel ahead of its first spawn)."""
+    if proc is None:
+        return "(other)"
+    return proc.service or f"({proc.kind})"
 
 
 def _error(kind: str, message: str) -> dict[str, Any]:
