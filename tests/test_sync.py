@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+from functools import partial
 
 import pytest
 
@@ -54,16 +55,19 @@ def test_lock_excludes_other_processes(heap: llmasos.Heap, children: Children) -
     heap.free(counter)
 
 
+def hold_for_ever(lock: llmasos.Lock, held: Signal) -> None:
+    """A child's body: take lock, say so, and wait to be killed."""
+    lock.acquire()
+    held.send()
+    signal.pause()
+
+
 def test_lock_of_a_killed_holder_goes_to_the_next_acquirer(
     heap: llmasos.Heap, children: Children
 ) -> None:
     lock = llmasos.Lock.create(heap)
     held = Signal()
-
-    def holder() -> None:
-        lock.acquire()
-        held.send()
-        signal.pause()
+    holder = partial(hold_for_ever, lock, held)
 
     pid = children.fork(holder)
     held.wait("taking the lock")
@@ -82,11 +86,7 @@ def test_lock_waiter_gets_it_when_the_holder_is_killed(
 ) -> None:
     lock = llmasos.Lock.create(heap)
     held = Signal()
-
-    def holder() -> None:
-        lock.acquire()
-        held.send()
-        signal.pause()
+    holder = partial(hold_for_ever, lock, held)
 
     def waiter() -> None:
         mine = llmasos.Lock.open(heap, lock.handle)

@@ -123,7 +123,7 @@ class _Process:
         self.control = control.ControlClient(system)
         hello = self.control.request("hello", pid=os.getpid())
         self.heap = _system_heap(hello["heap"])
-        if not os.environ.get("LLMASOS_REPLICA"):
+        if not os.environ.get(control.REPLICA_ENV):
             self.control.request("attach", pid=os.getpid())
         self.registry: dict[str, tuple[list[_Replica], frozenset[str]]] = {}
         self.local = threading.local()

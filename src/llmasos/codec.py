@@ -85,18 +85,13 @@ class Encoder:
         return msgpack.ExtType(code, handle + len(view).to_bytes(8, "little") + head)
 
 
-def large_to_ext(value: Any) -> bool:
-    """True if value is a bytes object that should travel by heap block."""
-    return isinstance(value, bytes) and len(value) >= LARGE
-
-
 def prepare(value: Any) -> Any:
     """Wrap top-level large bytes so the encoder moves them by block.
 
     msgpack packs ``bytes`` itself and never asks ``default``, so large ones
     are turned into memoryviews first; nested values are left as they are.
     """
-    if large_to_ext(value):
+    if isinstance(value, bytes) and len(value) >= LARGE:
         return memoryview(value)
     return value
 

@@ -24,6 +24,7 @@ from llmasos.errors import LLMasOSError, NoSystem
 
 VERSION = 1
 SYSTEM_ENV = "LLMASOS_SYSTEM"
+REPLICA_ENV = "LLMASOS_REPLICA"  # "service/index" in every replica
 RUN_DIR_ENV = "LLMASOS_RUN_DIR"
 
 

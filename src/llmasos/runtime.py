@@ -35,14 +35,11 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from llmasos import control
 from llmasos.channel import Channel, Sender
 from llmasos.codec import Decoder, Encoder
 from llmasos.errors import ChannelClosed
 from llmasos.heap import Buffer, Heap
 from llmasos.sched.policies import DurationEstimator, Request, make_policy
-
-REPLICA_ENV = "LLMASOS_REPLICA"  # "service/index" in every replica
 
 CHANNEL_CAPACITY = 1024  # requests a replica's channel holds
 
@@ -128,7 +125,6 @@ class Replica:
         self.leader = False
         self.in_flight = 0
         self.loop: Any = None  # an asyncio loop, made for the first coroutine
-        self.calls = 0
 
     # ---- serving ----
 
@@ -319,7 +315,6 @@ class Replica:
                     f"service {self.service!r} has no method {method!r}"
                 )
             value = fn(*args, **kwargs)
-            self.calls += 1
             return True, value
         except Exception as exc:
             return False, [type(exc).__name__, str(exc), traceback.format_exc()]
@@ -409,18 +404,9 @@ def run(spec: dict[str, Any], channel: Channel | None = None) -> int:
         heap.set_quota(os.getpid(), spec["quota_pages"])
     obj = load_entry(spec["entry"])()
     replica = Replica(spec["service"], spec["replica"], obj, heap, spec, channel)
+    # One write of less than PIPE_BUF bytes: atomic among all replicas.
     ready = {"op": "ready", "pid": os.getpid(), "channel": replica.channel.handle}
-    if "ready_fd" in spec:  # through the fork server: one write, atomic
-        os.write(spec["ready_fd"], json.dumps(ready).encode() + b"\n")
-        os.close(spec["ready_fd"])
-    else:
-        control.request(
-            "ready",
-            system=spec["system"],
-            pid=os.getpid(),
-            service=spec["service"],
-            replica=spec["replica"],
-            channel=replica.channel.handle,
-        )
+    os.write(spec["ready_fd"], json.dumps(ready).encode() + b"\n")
+    os.close(spec["ready_fd"])
     replica.serve()
     return 0

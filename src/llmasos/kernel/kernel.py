@@ -98,7 +98,6 @@ class Kernel:
         self.pidfds: dict[int, int] = {}
         self.early_ready: dict[int, int] = {}  # pid -> channel, before spawned
         self.changed = asyncio.Event()  # a replica got ready or a service failed
-        self.booted = time.monotonic()
 
     # ---- boot and shutdown ----
 
@@ -124,6 +123,9 @@ class Kernel:
                     log.info("killed pid %d left by a previous kernel", pid)
         if state.get("heap") and unlink(state["heap"]):
             log.info("removed heap %s left by a previous kernel", state["heap"])
+        self.remove_run_files()
+
+    def remove_run_files(self) -> None:
         for leftover in ("control.sock", "state.json"):
             with contextlib.suppress(FileNotFoundError):
                 (self.dir / leftover).unlink()
@@ -216,9 +218,7 @@ class Kernel:
         for fd in self.pidfds.values():
             os.close(fd)
         self.heap.destroy()
-        for leftover in ("control.sock", "state.json"):
-            with contextlib.suppress(FileNotFoundError):
-                (self.dir / leftover).unlink()
+        self.remove_run_files()
         self.lock_file.close()
 
     async def stop_procs(self, procs: list[Proc]) -> None:
@@ -258,7 +258,7 @@ class Kernel:
                 "service": service,
                 "replica": index,
                 "entry": spec.entry,
-                "env": {**spec.env, "LLMASOS_REPLICA": f"{service}/{index}"},
+                "env": {**spec.env, control.REPLICA_ENV: f"{service}/{index}"},
                 "quota_pages": spec.quota_pages,
                 "nice": spec.nice,
                 "cpu_affinity": list(spec.cpu_affinity),
@@ -484,11 +484,6 @@ class Kernel:
         service = parent_proc.service if parent_proc else ""
         self.watch(pid, Proc(pid, kind, service=service, state="ready", parent=parent))
         self.save_state()
-
-    async def op_ready(
-        self, pid: int, service: str, replica: int, channel: int
-    ) -> None:
-        self.mark_ready(pid, channel)
 
     async def op_resolve(self, service: str) -> dict[str, Any]:
         svc = self.services.get(service)
