@@ -107,7 +107,7 @@ def remote_error(info: list, service: str, replica: int) -> RemoteError:
     return _remote_class(type_name)(message, service, replica, tb)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: the registry's own objects
 class _Replica:
     index: int
     pid: int
@@ -233,7 +233,9 @@ class ServiceProxy:
         dead = -1  # the replica a retry should avoid
         while True:
             reps, idempotent = self._ready(proc, deadline, refresh=undelivered > 0)
-            rep = self._pick([r for r in reps if r.index != dead] or reps)
+            if dead >= 0:
+                reps = [r for r in reps if r.index != dead] or reps
+            rep = self._pick(reps)
             try:
                 return self._call_once(proc, rep, method, args, kwargs, deadline)
             except _Undelivered:
@@ -254,11 +256,13 @@ class ServiceProxy:
     def _ready(
         self, proc: _Process, deadline: float | None, refresh: bool = False
     ) -> tuple[list[_Replica], frozenset[str]]:
-        until = time.monotonic() + RESOLVE_WAIT_S if deadline is None else deadline
+        until = None
         while True:
             reps, idempotent = proc.replicas(self._service, refresh)
             if reps:
                 return reps, idempotent
+            if until is None:
+                until = deadline or time.monotonic() + RESOLVE_WAIT_S
             if time.monotonic() > until:
                 raise ServiceUnavailable(
                     f"service {self._service!r} of system {proc.system!r} has no "

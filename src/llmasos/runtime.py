@@ -189,7 +189,7 @@ class Replica:
                     self.in_flight += 1
                     if self.workers > 1 and self._slow(item[1]):
                         self._wake()  # a slow call: let another thread lead
-                    return item[:6] + (item[6],)
+                    return item[:7]  # what _run takes
             else:
                 self._queue(first)
             self._drain()  # still the leader: the channel is ours alone
@@ -219,15 +219,11 @@ class Replica:
         """
         if not self.leader:
             self._drain()
-        if self.in_flight >= self.max_in_flight:
+        if not len(self.queue) or self.in_flight >= self.max_in_flight:
             return None
         req = self.queue.pop()
         for expired in self.queue.take_expired():
-            self._reply_error(
-                expired.payload,
-                "DeadlineExceeded",
-                "the call's deadline passed before it could run",
-            )
+            self._reply_late(expired.payload)
         if req is not None:
             self.in_flight += 1
         return req
@@ -286,11 +282,7 @@ class Replica:
         payload = (req_id, method, args, kwargs, reply, caller)
         if deadline is not None and time.monotonic() >= deadline:
             self._done()
-            self._reply_error(
-                payload,
-                "DeadlineExceeded",
-                "the call's deadline passed before it could run",
-            )
+            self._reply_late(payload)
             return
         t0 = time.perf_counter()
         ok, value = self._call(method, args, kwargs)
@@ -349,9 +341,15 @@ class Replica:
 
     # ---- replies ----
 
-    def _reply_error(self, payload: tuple, kind: str, message: str) -> None:
+    def _reply_late(self, payload: tuple) -> None:
+        """Answer a request whose deadline passed before it could run."""
         req_id, _method, _args, _kwargs, reply, caller = payload
-        self._reply(reply, caller, [req_id, False, [kind, message, ""]])
+        error = [
+            "DeadlineExceeded",
+            "the call's deadline passed before it could run",
+            "",
+        ]
+        self._reply(reply, caller, [req_id, False, error])
 
     def _reply(self, handle: int, caller: int, message: list) -> None:
         """Send the reply; blocks made or returned move to the caller."""
