@@ -33,8 +33,9 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
+import llmasos
 from llmasos.channel import Channel, Sender
 from llmasos.codec import Decoder, Encoder
 from llmasos.errors import ChannelClosed
@@ -377,31 +378,45 @@ class Replica:
         return sender
 
 
-def prepare(heap_name: str) -> Channel:
+class Prepared(NamedTuple):
+    """What a spare has made before it knows which replica it will be."""
+
+    heap: Heap
+    channel: Channel
+
+
+def prepare(heap_name: str) -> Prepared:
     """What a spare process waiting to become a replica can do before it
     knows which: attach the heap and open the channel (it already is the
-    replica's process).  It also runs, once, the code a replica runs first:
-    the first touch of a page shared with the fork server copies it, which
-    is better done before a spawn than during one."""
+    replica's process).  It also runs once, on a stand-in service, the code
+    a replica runs first: the first touch of a page shared with the fork
+    server copies it, which is better done before a spawn than during one."""
     heap = Heap.attach(heap_name)
+    channel = Channel.create(heap, capacity=CHANNEL_CAPACITY)
     json.loads(json.dumps({"op": "ready", "pid": 0, "channel": 0}))
     for name in ("fifo", "priority", "hrrn", "edf"):
         make_policy(name, estimator=DurationEstimator())
-    threading.Condition()
-    _Codecs(heap)
-    return Channel.create(heap, capacity=CHANNEL_CAPACITY)
+    stand_in = {"methods": {"run": {"priority": 0, "expected_ms": 1.0}}}
+    Replica("", 0, _StandIn(), heap, stand_in, channel)
+    llmasos.use_heap(heap)
+    return Prepared(heap, channel)
 
 
-def run(spec: dict[str, Any], channel: Channel | None = None) -> int:
+class _StandIn:
+    def run(self) -> None:
+        pass
+
+
+def run(spec: dict[str, Any], prepared: Prepared) -> int:
     """Body of a replica process; returns its exit code."""
-    heap = Heap.attach(spec["heap"])
-    import llmasos
-
+    heap = prepared.heap
     llmasos.use_heap(heap)
     if spec.get("quota_pages"):
         heap.set_quota(os.getpid(), spec["quota_pages"])
     obj = load_entry(spec["entry"])()
-    replica = Replica(spec["service"], spec["replica"], obj, heap, spec, channel)
+    replica = Replica(
+        spec["service"], spec["replica"], obj, heap, spec, prepared.channel
+    )
     # One write of less than PIPE_BUF bytes: atomic among all replicas.
     ready = {"op": "ready", "pid": os.getpid(), "channel": replica.channel.handle}
     os.write(spec["ready_fd"], json.dumps(ready).encode() + b"\n")

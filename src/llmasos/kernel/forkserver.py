@@ -1,29 +1,31 @@
 """The fork server: a preloaded template process that forks replicas.
 
 The kernel forks it once at boot.  It imports LLMasOS and the modules of the
-services named in the manifest, then waits on a socket for spawn requests;
-for each it forks a child that is ready to run at once, with no interpreter
-to start and nothing to import.  It reaps its children and reports every
-exit to the kernel.
+services named in the manifest, then forks, when the kernel asks, spare
+children: processes that have attached the heap and opened their channel,
+and wait on a pipe for the spec of the replica they are to become.  The
+server hands the write end of that pipe to the kernel (SCM_RIGHTS), so that
+a spawn is one write from the kernel to a process that is ready to run at
+once: no interpreter to start, nothing to import, and no hop through the
+server.  The server reaps its children and reports every exit.
 
-Messages, one JSON object a line:
+The kernel and the server talk over a SOCK_SEQPACKET pair, one JSON object a
+packet:
 
-    kernel -> server   {"op": "spawn", "id": N, "spec": {...}}
+    kernel -> server   {"op": "fork", "n": N}        fork N spares now
                        {"op": "preload", "module": "pkg.mod"}
-    server -> kernel   {"op": "spawned", "id": N, "pid": P}
+    server -> kernel   {"op": "spare", "pid": P, "gen": G}   + the pipe's fd
                        {"op": "exit", "pid": P, "code": C}
+    kernel -> spare    the replica's spec, one JSON line on the pipe
     replica -> kernel  {"op": "ready", "pid": P, "channel": H}
-                       (C is the exit code, or minus the signal number)
 
-A replica says it is ready by writing a line to a pipe the kernel made before
-forking the server (cheaper than a connection to the control socket, and one
-wake-up fewer than a relay through the server); the line may reach the
-kernel before the server's "spawned" for the same pid.
-
-To take the fork out of a spawn's latency, the server keeps one spare
-child forked in advance, blocked on a pipe; a spawn writes the spec to it and
-forks the next spare (as Android's zygote keeps a pool of unspecialised
-processes).  A spare that is not a replica yet exits when its pipe closes.
+C is the exit code, or minus the signal number.  G counts the preloads the
+server had done when it forked the spare: a spare forked before a preload
+lacks its module, and the kernel closes its pipe.  A spare whose pipe closes
+exits.  A replica says it is ready by writing a line to a pipe the kernel
+made before forking the server (cheaper than a connection to the control
+socket); the idea of keeping processes forked ahead of need is Android's
+zygote's.
 
 The server dies with the kernel (PR_SET_PDEATHSIG), and every replica dies
 with the server, so killing the kernel leaves no process behind.
@@ -42,9 +44,7 @@ import sys
 import traceback
 from typing import Any
 
-from llmasos import _core
-
-SPARE_IDLE_S = 0.005
+from llmasos import _core, control
 
 
 def start(
@@ -56,7 +56,7 @@ def start(
     lock, which would outlive a killed kernel in the server's children);
     ``ready_w`` is the pipe on which replicas tell the kernel they are ready.
     """
-    ours, theirs = socket.socketpair()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
         ours.close()
@@ -80,15 +80,14 @@ class _Server:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         self.sock = sock
-        self.pending = b""
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.ready_w = ready_w
+        self.gen = 0  # preloads done
         signal.set_wakeup_fd(self.wake_w)
         signal.signal(signal.SIGCHLD, lambda *a: None)
         for module in preload:
             self._preload(module)
         self._freeze()
-        self.spare: tuple[int, int] | None = None  # (pid, its spec pipe)
 
     @staticmethod
     def _freeze() -> None:
@@ -109,13 +108,7 @@ class _Server:
         sel.register(self.sock, selectors.EVENT_READ, "kernel")
         sel.register(self.wake_r, selectors.EVENT_READ, "signal")
         while True:
-            # The next spare is forked once the server is idle (5 ms without
-            # a message), so as not to delay the ready of the replica just
-            # started nor the spawns of a burst.
-            events = sel.select(SPARE_IDLE_S if self.spare is None else None)
-            if not events and self.spare is None:
-                self._fork_spare()
-            for key, _ in events:
+            for key, _ in sel.select():
                 if key.data == "signal":
                     self._drain_wakeups()
                     self._reap()
@@ -130,24 +123,22 @@ class _Server:
             pass
 
     def _request(self) -> bool:
-        """Handle every whole line that arrived; False once the kernel is gone."""
+        """Handle one message; False once the kernel is gone."""
         data = self.sock.recv(65536)
         if not data:
             return False
-        *lines, self.pending = (self.pending + data).split(b"\n")
-        for line in lines:
-            msg = json.loads(line)
-            if msg["op"] == "spawn":
-                pid = self._spawn(msg["spec"])
-                self._send({"op": "spawned", "id": msg["id"], "pid": pid})
-            elif msg["op"] == "preload":
-                self._preload(msg["module"])
-                self._freeze()
-                self._replace_spare()
+        msg = json.loads(data)
+        if msg["op"] == "fork":
+            for _ in range(msg["n"]):
+                self._fork_spare()
+        elif msg["op"] == "preload":
+            self._preload(msg["module"])
+            self._freeze()
+            self.gen += 1
         return True
 
-    def _send(self, msg: dict[str, Any]) -> None:
-        self.sock.sendall((json.dumps(msg) + "\n").encode())
+    def _send(self, msg: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
+        socket.send_fds(self.sock, [json.dumps(msg).encode()], list(fds))
 
     def _reap(self) -> None:
         while True:
@@ -161,39 +152,18 @@ class _Server:
                 {"op": "exit", "pid": pid, "code": os.waitstatus_to_exitcode(status)}
             )
 
-    def _spawn(self, spec: dict[str, Any]) -> int:
-        """Start a replica: hand spec to the spare child forked in advance,
-        then fork the next spare.  The cost of a fork of this big process
-        (milliseconds, most of it in copy-on-write faults) is thus paid
-        between spawns, not during one."""
-        if self.spare is None:
-            self._fork_spare()
-        assert self.spare is not None
-        pid, spec_w = self.spare
-        self.spare = None
-        try:
-            os.write(spec_w, json.dumps(spec).encode() + b"\n")
-        except BrokenPipeError:  # the spare died; its exit is reported
-            os.close(spec_w)
-            return self._spawn(spec)
-        os.close(spec_w)
-        return pid
-
     def _fork_spare(self) -> None:
+        """Fork a spare and hand its spec pipe to the kernel.  The fork of
+        this big process costs milliseconds, most of it in copy-on-write
+        faults; the kernel asks for spares between spawns, not during one."""
         spec_r, spec_w = os.pipe()
         pid = os.fork()
         if pid == 0:
             os.close(spec_w)
             os._exit(_child(spec_r, self))
         os.close(spec_r)
-        self.spare = (pid, spec_w)
-
-    def _replace_spare(self) -> None:
-        """Fork a spare that has every module preloaded so far."""
-        if self.spare is not None:
-            os.close(self.spare[1])  # the old spare reads EOF and exits
-            self.spare = None
-        self._fork_spare()
+        self._send({"op": "spare", "pid": pid, "gen": self.gen}, (spec_w,))
+        os.close(spec_w)  # the kernel's copy is now the only one
 
 
 def _child(spec_r: int, server: _Server) -> int:
@@ -205,23 +175,20 @@ def _child(spec_r: int, server: _Server) -> int:
         server.sock.close()
         os.close(server.wake_r)
         os.close(server.wake_w)
-        if server.spare is not None:
-            os.close(server.spare[1])
         _core.set_pdeathsig(signal.SIGKILL)
         from llmasos import runtime
 
         for stream in (sys.stdout, sys.stderr):
             stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+        _redirect_stdin()
         prepared = runtime.prepare(os.environ["LLMASOS_HEAP"])
+        # The first touch of a page shared with the server copies it: better
+        # done now, on a stand-in, than during a spawn.
+        _specialise(_STAND_IN, -1)
         line = _read_line(spec_r)
         if not line:
-            return 0  # replaced by a newer spare, or the server is gone
-        spec = json.loads(line)
-        spec["ready_fd"] = server.ready_w
-        _redirect(spec["log"])
-        _apply_os_settings(spec)
-        os.environ.update(spec["env"])
-        code = runtime.run(spec, prepared)
+            return 0  # not needed any more, or the kernel is gone
+        code = runtime.run(_specialise(line, server.ready_w), prepared)
     except BaseException:
         traceback.print_exc()
         code = 1
@@ -229,6 +196,22 @@ def _child(spec_r: int, server: _Server) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
     return code
+
+
+def _specialise(line: bytes, ready_w: int) -> dict[str, Any]:
+    """Make the spare the replica the kernel's line describes, up to its
+    service: its log, OS settings and environment; returns its spec."""
+    spec, index, log = json.loads(line)
+    spec["replica"] = index
+    spec["ready_fd"] = ready_w
+    _redirect(log)
+    _apply_os_settings(spec)
+    os.environ.update(spec["env"])
+    os.environ[control.REPLICA_ENV] = f"{spec['service']}/{index}"
+    return spec
+
+
+_STAND_IN = json.dumps([{"service": "", "env": {}}, 0, os.devnull]).encode()
 
 
 def _read_line(fd: int) -> bytes:
@@ -247,6 +230,9 @@ def _redirect(path: str) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
+
+
+def _redirect_stdin() -> None:
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)

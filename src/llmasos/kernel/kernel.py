@@ -20,12 +20,15 @@ Whenever one of them ends, however it ends, its heap pages are reclaimed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
 import json
 import logging
 import os
 import signal
+import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +44,12 @@ from llmasos.manifest import Manifest, ServiceSpec, load_manifest
 log = logging.getLogger("llmasos.kernel")
 
 STOP_GRACE_S = 2.0
+FD_SIZE = 4  # bytes of a file descriptor in SCM_RIGHTS data
+SAVE_DELAY_S = 0.02  # state.json is rewritten this long after a change
+SPARES = 1  # spare processes kept forked ahead of spawns
+# A spare taken is replaced once the system has been quiet this long, so that
+# the fork of the next does not slow down the replica just started.
+SPARE_IDLE_S = 0.005
 READY_TIMEOUT_S = 30.0
 
 
@@ -81,6 +90,7 @@ class Service:
     replicas: dict[int, Proc] = field(default_factory=dict)
     restarts: dict[int, int] = field(default_factory=dict)
     stopped: bool = False
+    wire: bytes = b""  # Kernel.wire_spec's
 
 
 class Kernel:
@@ -90,13 +100,23 @@ class Kernel:
         self.manifest = manifest
         self.name = manifest.system.name
         self.dir = control.make_run_dir(self.name)
+        self.logs = self.dir / "logs"
+        self.logs.mkdir(mode=0o700, exist_ok=True)
+        self.save_timer: asyncio.TimerHandle | None = None
         self.procs: dict[int, Proc] = {}
         self.services: dict[str, Service] = {}
         self.stopping = asyncio.Event()
-        self.spawn_ids = 0
-        self.spawning: dict[int, asyncio.Future[int]] = {}
         self.pidfds: dict[int, int] = {}
-        self.early_ready: dict[int, int] = {}  # pid -> channel, before spawned
+        # Spares of the fork server: (pid, pipe to send it its spec), the
+        # spawns waiting for one, forks asked for and not arrived, and the
+        # number of preloads asked for (older spares lack a module).
+        self.spares: collections.deque[tuple[int, int]] = collections.deque()
+        self.spare_waiters: collections.deque[asyncio.Future[None]] = (
+            collections.deque()
+        )
+        self.spares_asked = 0
+        self.preloads = 0
+        self.restock_timer: asyncio.TimerHandle | None = None
         self.changed = asyncio.Event()  # a replica got ready or a service failed
 
     # ---- boot and shutdown ----
@@ -169,19 +189,29 @@ class Kernel:
             for pid, p in self.procs.items()
             if p.kind != "client"
         ]
+        if self.save_timer is not None:
+            self.save_timer.cancel()
+            self.save_timer = None
         state = {"kernel": os.getpid(), "heap": self.heap.name, "pids": pids}
         tmp = self.dir / "state.json.tmp"
         tmp.write_text(json.dumps(state))
         tmp.replace(self.dir / "state.json")
+
+    def save_state_soon(self) -> None:
+        """Save the state once the kernel has been quiet for a moment (one
+        save for a burst of changes)."""
+        if self.save_timer is None:
+            self.save_timer = asyncio.get_running_loop().call_later(
+                SAVE_DELAY_S, self.save_state
+            )
 
     async def run(self) -> None:
         """Serve until asked to stop, then shut everything down."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stopping.set)
-        reader, self.fs_writer = await asyncio.open_connection(sock=self.fs_sock)
+        loop.add_reader(self.fs_sock, self.forkserver_events)
         loop.add_reader(self.ready_r, self.ready_lines)
-        fs_task = asyncio.create_task(self.forkserver_events(reader))
         sock_path = self.dir / "control.sock"
         server = await asyncio.start_unix_server(self.serve_client, path=str(sock_path))
         sock_path.chmod(0o600)
@@ -197,7 +227,6 @@ class Kernel:
         finally:
             server.close()
             await self.shutdown()
-            fs_task.cancel()
 
     async def start_all(self) -> None:
         for spec in self.manifest.services.values():
@@ -216,6 +245,8 @@ class Kernel:
         for pid in list(self.procs):
             self.reclaim(pid)
         for fd in self.pidfds.values():
+            os.close(fd)
+        for _, fd in self.spares:
             os.close(fd)
         self.heap.destroy()
         self.remove_run_files()
@@ -250,64 +281,169 @@ class Kernel:
         svc = self.services.get(service)
         if svc is None or svc.stopped or index >= svc.spec.replicas:
             return
-        spec = svc.spec
-        pid = await self.spawn(
-            {
-                "system": self.name,
-                "heap": self.heap.name,
-                "service": service,
-                "replica": index,
-                "entry": spec.entry,
-                "env": {**spec.env, control.REPLICA_ENV: f"{service}/{index}"},
-                "quota_pages": spec.quota_pages,
-                "nice": spec.nice,
-                "cpu_affinity": list(spec.cpu_affinity),
-                "os_policy": spec.os_policy,
-                "rt_priority": spec.rt_priority,
-                "policy": spec.policy,
-                "workers": spec.workers,
-                "max_in_flight": spec.max_in_flight,
-                "methods": {
-                    m.name: {
-                        "priority": m.priority,
-                        "expected_ms": m.expected_ms,
-                        "deadline_ms": m.deadline_ms,
-                    }
-                    for m in spec.methods.values()
-                },
-                "log": str(self.log_path(service, index)),
-            }
-        )
+        # What the spare reads: [the service's spec, replica index, log path]
+        log_path = json.dumps(str(self.log_path(service, index))).encode()
+        message = b"[%s,%d,%s]\n" % (self.wire_spec(svc), index, log_path)
+        pid = await self.spawn(message)
+        if svc.stopped or index >= svc.spec.replicas or index in svc.replicas:
+            # undeployed, scaled down or started again while waiting
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            return
         proc = Proc(pid, "replica", service, index, restarts=svc.restarts.get(index, 0))
         self.procs[pid] = proc
         svc.replicas[index] = proc
-        if pid in self.early_ready:
-            self.mark_ready(pid, self.early_ready.pop(pid))
-        asyncio.get_running_loop().call_soon(self.save_state)
-        log.info("service %s replica %d started (pid %d)", service, index, pid)
+        # Nothing more until the replica is ready: the spare may be waiting
+        # for this CPU.
+        self.save_state_soon()
+
+    def wire_spec(self, svc: Service) -> bytes:
+        """What every replica of a service is told, as JSON, made once per
+        service (its number of replicas is not part of it)."""
+        if svc.wire:
+            return svc.wire
+        spec = svc.spec
+        wire = {
+            "system": self.name,
+            "heap": self.heap.name,
+            "service": spec.name,
+            "entry": spec.entry,
+            "env": dict(spec.env),
+            "quota_pages": spec.quota_pages,
+            "nice": spec.nice,
+            "cpu_affinity": list(spec.cpu_affinity),
+            "os_policy": spec.os_policy,
+            "rt_priority": spec.rt_priority,
+            "policy": spec.policy,
+            "workers": spec.workers,
+            "max_in_flight": spec.max_in_flight,
+            "methods": {
+                m.name: {
+                    "priority": m.priority,
+                    "expected_ms": m.expected_ms,
+                    "deadline_ms": m.deadline_ms,
+                }
+                for m in spec.methods.values()
+            },
+        }
+        svc.wire = json.dumps(wire).encode()
+        return svc.wire
 
     def log_path(self, service: str, index: int) -> Path:
-        (self.dir / "logs").mkdir(mode=0o700, exist_ok=True)
-        return self.dir / "logs" / f"{service}.{index}.log"
+        return self.logs / f"{service}.{index}.log"
 
-    async def spawn(self, spec: dict[str, Any]) -> int:
-        self.spawn_ids += 1
-        fut = asyncio.get_running_loop().create_future()
-        self.spawning[self.spawn_ids] = fut
-        msg = {"op": "spawn", "id": self.spawn_ids, "spec": spec}
-        self.fs_writer.write((json.dumps(msg) + "\n").encode())
-        return await fut
+    # ---- spares of the fork server ----
 
-    async def forkserver_events(self, reader: asyncio.StreamReader) -> None:
-        while line := await reader.readline():
-            msg = json.loads(line)
-            if msg["op"] == "spawned":
-                self.spawning.pop(msg["id"]).set_result(msg["pid"])
+    async def spawn(self, spec: bytes) -> int:
+        """Make a spare the replica ``spec`` describes; returns its pid."""
+        while True:
+            while not self.spares:
+                waiter = asyncio.get_running_loop().create_future()
+                self.spare_waiters.append(waiter)
+                self.restock()
+                try:
+                    await waiter
+                finally:
+                    if waiter in self.spare_waiters:
+                        self.spare_waiters.remove(waiter)
+            pid, fd = self.spares.popleft()
+            self.restock()
+            try:
+                os.write(fd, spec)  # a pipe of 64 KiB: never blocks
+            except BrokenPipeError:
+                continue  # that spare died; its exit is on its way
+            finally:
+                os.close(fd)
+            return pid
+
+    def restock(self) -> None:
+        """Ask the fork server for the spares that are missing: at once for
+        spawns waiting, after a quiet while for the stock."""
+        missing = SPARES + len(self.spare_waiters) - len(self.spares)
+        missing -= self.spares_asked
+        if missing <= 0:
+            return
+        if self.spare_waiters:
+            self.ask_spares(missing)
+        elif self.restock_timer is None:
+            self.restock_timer = asyncio.get_running_loop().call_later(
+                SPARE_IDLE_S, self.restock_later
+            )
+
+    def restock_later(self) -> None:
+        self.restock_timer = None
+        missing = SPARES - len(self.spares) - self.spares_asked
+        if missing > 0:
+            self.ask_spares(missing)
+
+    def ask_spares(self, n: int) -> None:
+        self.spares_asked += n
+        self.to_forkserver({"op": "fork", "n": n})
+
+    def to_forkserver(self, msg: dict[str, Any]) -> None:
+        self.fs_sock.send(json.dumps(msg).encode())
+
+    def preload(self, module: str) -> None:
+        """Have the fork server import module, and drop the spares forked
+        before it (they exit when their pipe closes)."""
+        self.preloads += 1
+        self.to_forkserver({"op": "preload", "module": module})
+        while self.spares:
+            os.close(self.spares.popleft()[1])
+        self.restock()
+
+    def drop_spare(self, pid: int) -> None:
+        """Forget a spare that died in stock."""
+        for spare in self.spares:
+            if spare[0] == pid:
+                self.spares.remove(spare)
+                os.close(spare[1])
+                self.restock()
+                return
+
+    def forkserver_events(self) -> None:
+        """Read what the fork server sent: spares and exits."""
+        while True:
+            # (socket.recv_fds of Python 3.11 drops its flags argument)
+            try:
+                data, ancdata, _, _ = self.fs_sock.recvmsg(
+                    65536,
+                    socket.CMSG_SPACE(FD_SIZE),
+                    socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC,
+                )
+            except BlockingIOError:
+                return
+            except OSError:
+                data, ancdata = b"", []
+            fds = [
+                int.from_bytes(cdata[:FD_SIZE], sys.byteorder)
+                for level, kind, cdata in ancdata
+                if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+            ]
+            if not data:
+                asyncio.get_running_loop().remove_reader(self.fs_sock)
+                if not self.stopping.is_set():
+                    log.error("the fork server died; shutting the system down")
+                    self.stopping.set()
+                return
+            msg = json.loads(data)
+            if msg["op"] == "spare":
+                self.add_spare(msg["pid"], msg["gen"], fds[0])
             elif msg["op"] == "exit":
                 self.on_exit(msg["pid"], msg["code"])
-        if not self.stopping.is_set():
-            log.error("the fork server died; shutting the system down")
-            self.stopping.set()
+
+    def add_spare(self, pid: int, gen: int, fd: int) -> None:
+        self.spares_asked -= 1
+        if gen != self.preloads:
+            os.close(fd)  # it lacks a module preloaded since
+        else:
+            self.spares.append((pid, fd))
+        while self.spare_waiters and self.spares:
+            waiter = self.spare_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+        self.restock()
 
     async def wait_ready(
         self, services: list[str], timeout: float = READY_TIMEOUT_S
@@ -332,7 +468,8 @@ class Kernel:
                     f"services not ready after {timeout:g} s: {', '.join(pending)}"
                 )
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), left)
+                async with asyncio.timeout(left):  # (wait_for adds a task)
+                    await self.changed.wait()
 
     def ready_lines(self) -> None:
         """Read what replicas wrote on the ready pipe."""
@@ -348,11 +485,17 @@ class Kernel:
     def mark_ready(self, pid: int, channel: int) -> None:
         proc = self.procs.get(pid)
         if proc is None:
-            self.early_ready[pid] = channel  # its "spawned" is being handled
-            return
+            return  # stopped before it was ready
         proc.channel = channel
         proc.state = "ready"
         self.changed.set()
+        asyncio.get_running_loop().call_soon(  # after whoever waits for it
+            log.info,
+            "service %s replica %d ready (pid %d)",
+            proc.service,
+            proc.replica,
+            pid,
+        )
 
     def ready_replicas(self, service: str) -> list[Proc]:
         svc = self.services[service]
@@ -362,7 +505,10 @@ class Kernel:
         """A process of the system ended: reclaim it, then supervise."""
         proc = self.procs.get(pid)
         self.reclaim(pid)
-        if proc is None or proc.kind != "replica":
+        if proc is None:
+            self.drop_spare(pid)
+            return
+        if proc.kind != "replica":
             return
         svc = self.services.get(proc.service)
         if svc is None or svc.replicas.get(proc.replica) is not proc:
@@ -520,6 +666,17 @@ class Kernel:
             "services": services,
         }
 
+    def mem_owner(self, pid: int) -> str:
+        """Who to charge a process's pages to in ``mem``: its service, else
+        its kind; "(spare)" for a spare, which opens its channel ahead of
+        its spawn; "(other)" for a process the kernel does not know."""
+        proc = self.procs.get(pid)
+        if proc is not None:
+            return proc.service or f"({proc.kind})"
+        if any(spare_pid == pid for spare_pid, _ in self.spares):
+            return "(spare)"
+        return "(other)"
+
     async def op_mem(self) -> dict[str, Any]:
         st = self.heap.stats()
         S = st.page_size
@@ -529,7 +686,7 @@ class Kernel:
             rows.append(
                 {
                     "pid": p.pid,
-                    "service": _mem_owner(proc),
+                    "service": self.mem_owner(p.pid),
                     "replica": proc.replica if proc else -1,
                     "pages": p.pages,
                     "page_size": S,
@@ -598,12 +755,7 @@ class Kernel:
                 f"service {service!r} is running already; undeploy it first"
             )
         self.manifest = self.manifest.with_service(spec)
-        self.fs_writer.write(
-            (
-                json.dumps({"op": "preload", "module": spec.entry.partition(":")[0]})
-                + "\n"
-            ).encode()
-        )
+        self.preload(spec.entry.partition(":")[0])
         self.add_service(spec)
         await self.wait_ready([service])
         return {"service": service, "replicas": spec.replicas}
@@ -633,15 +785,6 @@ class Kernel:
 
 
 OPS = sorted(name[3:] for name in dir(Kernel) if name.startswith("op_"))
-
-
-def _mem_owner(proc: Proc | None) -> str:
-    """Who to charge a process's pages to in ``mem``: its service, else its
-    kind; "(other)" for one the kernel does not list (the fork server's spare,
-    which has opened its channel ahead of its first spawn)."""
-    if proc is None:
-        return "(other)"
-    return proc.service or f"({proc.kind})"
 
 
 def _error(kind: str, message: str) -> dict[str, Any]:
