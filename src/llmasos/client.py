@@ -156,6 +156,7 @@ class _Thread:
 
     def __init__(self, heap: Heap) -> None:
         self.reply = Channel.create(heap, capacity=16)
+        self.handle = self.reply.handle
         self.encoder, self.decoder = Encoder(heap), Decoder(heap, reply=True)
         self.ids = itertools.count(1)
         self.pid = os.getpid()
@@ -232,10 +233,11 @@ class ServiceProxy:
         retried = undelivered = 0
         dead = -1  # the replica a retry should avoid
         while True:
-            reps, idempotent = self._ready(proc, deadline, refresh=undelivered > 0)
+            found = None if undelivered else proc.registry.get(self._service)
+            reps, idempotent = found or self._ready(proc, deadline, undelivered > 0)
             if dead >= 0:
                 reps = [r for r in reps if r.index != dead] or reps
-            rep = self._pick(reps)
+            rep = reps[0] if len(reps) == 1 else self._pick(reps)
             try:
                 return self._call_once(proc, rep, method, args, kwargs, deadline)
             except _Undelivered:
@@ -298,20 +300,24 @@ class ServiceProxy:
         kwargs: dict,
         deadline: float | None,
     ) -> Any:
-        ctx = proc.thread()
+        """Send one request to rep and wait for its reply; every call goes
+        through here, so it does no more than it must."""
+        try:
+            ctx = proc.local.ctx
+        except AttributeError:
+            ctx = proc.thread()
         req_id = next(ctx.ids)
-        dl_ns = 0 if deadline is None else int(deadline * 1e9)
         enc = ctx.encoder
         try:
             data = enc.pack(
                 [
                     req_id,
                     method,
-                    [prepare(a) for a in args],
+                    list(map(prepare, args)),
                     kwargs,
-                    ctx.reply.handle,
+                    ctx.handle,
                     ctx.pid,
-                    dl_ns,
+                    0 if deadline is None else int(deadline * 1e9),
                     self._priority,
                     time.monotonic_ns(),
                 ]
@@ -320,36 +326,31 @@ class ServiceProxy:
                 rep.sender.send(data, timeout=_left(deadline))
             except ChannelClosed:
                 raise _Undelivered from None
-            ok, value = self._wait(ctx, rep, req_id, method, deadline)
+            recv, unpack = ctx.reply.recv, ctx.decoder.unpack
+            while True:
+                try:
+                    msg = recv(
+                        timeout=CHECK_S
+                        if deadline is None
+                        else min(max(0.0, deadline - time.monotonic()), CHECK_S)
+                    )
+                except TimeoutError:
+                    self._check(rep, method, deadline)
+                    continue
+                got_id, ok, value = unpack(msg)
+                if got_id == req_id:
+                    break
+                # else: the late reply of a call that timed out; dropped
         finally:
-            for buf in enc.made:
-                proc.heap.free(buf)
-            enc.made.clear()
+            if enc.made:
+                for buf in enc.made:
+                    proc.heap.free(buf)
+                enc.made.clear()
         if not ok:
             raise remote_error(value, self._service, rep.index)
-        return _same_buffer(value, args)
-
-    def _wait(
-        self,
-        ctx: _Thread,
-        rep: _Replica,
-        req_id: int,
-        method: str,
-        deadline: float | None,
-    ) -> tuple[bool, Any]:
-        while True:
-            left = _left(deadline)
-            try:
-                msg = ctx.reply.recv(
-                    timeout=CHECK_S if left is None else min(left, CHECK_S)
-                )
-            except TimeoutError:
-                self._check(rep, method, deadline)
-                continue
-            got_id, ok, value = ctx.decoder.unpack(msg)
-            if got_id == req_id:
-                return ok, value
-            # else: the late reply of a call that timed out; dropped
+        if isinstance(value, Buffer):
+            return _same_buffer(value, args)
+        return value
 
     def _check(self, rep: _Replica, method: str, deadline: float | None) -> None:
         if deadline is not None and time.monotonic() >= deadline:
@@ -366,13 +367,12 @@ class ServiceProxy:
             ) from None
 
 
-def _same_buffer(value: Any, args: tuple) -> Any:
+def _same_buffer(value: Buffer, args: tuple) -> Buffer:
     """A Buffer the callee returned that is one of the caller's arguments
     comes back as that very object, not as a second one over the block."""
-    if isinstance(value, Buffer):
-        for arg in args:
-            if isinstance(arg, Buffer) and arg.handle == value.handle:
-                return arg
+    for arg in args:
+        if isinstance(arg, Buffer) and arg.handle == value.handle:
+            return arg
     return value
 
 

@@ -69,6 +69,11 @@ def public_methods(obj: object) -> dict[str, Callable[..., Any]]:
     return methods
 
 
+def _error(exc: Exception) -> list[str]:
+    """What a caller gets of an exception: type name, message, traceback."""
+    return [type(exc).__name__, str(exc), traceback.format_exc()]
+
+
 class _Stop(Exception):
     pass
 
@@ -97,6 +102,9 @@ class Replica:
         spec = spec or {}
         self.service, self.index, self.heap = service, index, heap
         self.methods = public_methods(obj)
+        self.coroutines = {
+            name for name, fn in self.methods.items() if inspect.iscoroutinefunction(fn)
+        }
         self.channel = channel or Channel.create(heap, capacity=CHANNEL_CAPACITY)
         self.codecs = _Codecs(heap)
         self.senders: dict[int, Sender] = {}
@@ -120,7 +128,10 @@ class Replica:
         }
         self.workers = max(1, spec.get("workers", 1))
         self.max_in_flight = max(1, spec.get("max_in_flight", 64))
-        self.cond = threading.Condition()
+        # `with self.lock` rather than `with self.cond`: the same lock,
+        # without two Python calls per use on the path of every request.
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
         self.threads = 1  # workers started: this one, then more on demand
         self.idle = 0  # workers waiting on cond
         self.leader = False
@@ -140,31 +151,39 @@ class Replica:
             self.channel.destroy()
 
     def _work(self) -> None:
+        finished = False  # whether this thread's last request is done
         while True:
-            item = self._next()
+            item = self._next(finished)
             try:
                 if isinstance(item, Request):
                     req_id, method, args, kwargs, reply, caller = item.payload
-                    self._run(
+                    finished = self._run(
                         req_id, method, args, kwargs, reply, caller, item.deadline
                     )
                 else:
-                    self._run(*item)
+                    finished = self._run(*item)
             except Exception:  # a bug of ours: say so, keep serving
                 traceback.print_exc()
+                finished = True
 
-    def _next(self) -> Request | tuple:
-        """The next request to run: the best of the run queue, or, leading
-        the wait on the channel when nobody else does, the one received.
+    def _next(self, finished: bool) -> Request | tuple:
+        """Count the thread's last request done (if ``finished``), then
+        return the next request to run: the best of the run queue, or,
+        leading the wait on the channel when nobody else does, the one
+        received.
 
         When that one is alone (nothing else queued, nothing in the channel)
         it runs as it came, without passing through the run queue: the cost
         of a call is the product, and no policy has a choice to make.
         """
-        with self.cond:
+        with self.lock:
+            if finished:
+                self.in_flight -= 1
             while True:
                 req = self._pop()
                 if req is not None:
+                    if len(self.queue):
+                        self._wake()  # more to run: another worker may
                     return req
                 if not self.leader:
                     self.leader = True
@@ -175,10 +194,10 @@ class Replica:
         try:
             first = self.channel.recv()
         except BaseException:
-            with self.cond:
+            with self.lock:
                 self.leader = False
             raise
-        with self.cond:
+        with self.lock:
             if (
                 not len(self.queue)
                 and not self.channel.queued
@@ -197,7 +216,7 @@ class Replica:
             self.leader = False
             req = self._pop()
             self._wake()
-        return req if req is not None else self._next()
+        return req if req is not None else self._next(False)
 
     def _slow(self, method: str) -> bool:
         return self.estimator.estimate(method) > HAND_OVER_S
@@ -279,38 +298,37 @@ class Replica:
         reply: int,
         caller: int,
         deadline: float | None,
-    ) -> None:
-        payload = (req_id, method, args, kwargs, reply, caller)
+    ) -> bool:
+        """Run a request and reply; False when it goes on as a coroutine
+        (whose end is counted by ``_done``)."""
         if deadline is not None and time.monotonic() >= deadline:
-            self._done()
-            self._reply_late(payload)
-            return
-        t0 = time.perf_counter()
-        ok, value = self._call(method, args, kwargs)
-        if ok and inspect.isawaitable(value):
-            self._start_async(payload, value)
-            return
-        self.estimator.record(method, time.perf_counter() - t0)
-        self._done()
-        self._reply(reply, caller, [req_id, ok, value])
-
-    def _done(self) -> None:
-        with self.cond:
-            self.in_flight -= 1
-            if len(self.queue) or self.in_flight + 1 >= self.max_in_flight:
-                self._wake()
-
-    def _call(self, method: str, args: list, kwargs: dict) -> tuple[bool, Any]:
+            self._reply_late((req_id, method, args, kwargs, reply, caller))
+            return True
         fn = self.methods.get(method)
+        t0 = time.perf_counter()
         try:
             if fn is None:
                 raise AttributeError(
                     f"service {self.service!r} has no method {method!r}"
                 )
             value = fn(*args, **kwargs)
-            return True, value
         except Exception as exc:
-            return False, [type(exc).__name__, str(exc), traceback.format_exc()]
+            message = [req_id, False, _error(exc)]
+        else:
+            if method in self.coroutines:
+                self._start_async((req_id, method, args, kwargs, reply, caller), value)
+                return False
+            message = [req_id, True, value]
+        self.estimator.record(method, time.perf_counter() - t0)
+        self._reply(reply, caller, message)
+        return True
+
+    def _done(self) -> None:
+        """Count a coroutine's request done (from the loop's thread)."""
+        with self.lock:
+            self.in_flight -= 1
+            if len(self.queue) or self.in_flight + 1 >= self.max_in_flight:
+                self._wake()
 
     def _start_async(self, payload: tuple, coro: Any) -> None:
         """Run a coroutine on the replica's event loop; reply when it ends."""
@@ -329,11 +347,7 @@ class Replica:
                 value = await coro
                 message = [req_id, True, value]
             except Exception as exc:
-                message = [
-                    req_id,
-                    False,
-                    [type(exc).__name__, str(exc), traceback.format_exc()],
-                ]
+                message = [req_id, False, _error(exc)]
             self.estimator.record(method, time.perf_counter() - t0)
             self._done()
             self._reply(reply, caller, message)
@@ -360,21 +374,20 @@ class Replica:
         except Exception as exc:
             message[1:] = [False, [type(exc).__name__, str(exc), ""]]
             data = enc.pack(message)
-        for buf in enc.made:
-            self.heap.give(buf, caller)
-        enc.made.clear()
+        if enc.made:
+            for buf in enc.made:
+                self.heap.give(buf, caller)
+            enc.made.clear()
         value = message[2]
         if message[1] and isinstance(value, Buffer) and value.alive:
             self.heap.give(value, caller)
         try:
-            self._sender(handle).send(data, timeout=5.0)
+            (self.senders.get(handle) or self._sender(handle)).send(data, timeout=5.0)
         except (ChannelClosed, TimeoutError):
             self.senders.pop(handle, None)  # the caller is gone or stuck
 
     def _sender(self, handle: int) -> Sender:
-        sender = self.senders.get(handle)
-        if sender is None:
-            sender = self.senders[handle] = Sender.open(self.heap, handle)
+        sender = self.senders[handle] = Sender.open(self.heap, handle)
         return sender
 
 
