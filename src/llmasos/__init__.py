@@ -14,15 +14,9 @@ The data plane, importable on its own:
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Any
 
 from llmasos.channel import Channel, Sender
-from llmasos.client import (
-    RemoteError,
-    ReplicaDied,
-    ServiceUnavailable,
-    aconnect,
-    connect,
-)
 from llmasos.errors import (
     ChannelClosed,
     DoubleFree,
@@ -36,7 +30,38 @@ from llmasos.heap import Buffer, Heap, HeapStats
 from llmasos.process import fork, getpid, kill, spawn, wait
 from llmasos.sync import Event, Lock, Semaphore
 
+if TYPE_CHECKING:
+    from llmasos.client import (
+        RemoteError,
+        ReplicaDied,
+        ServiceUnavailable,
+        aconnect,
+        connect,
+    )
+
 __version__ = "0.1.0"
+
+# Service calls are imported on first use: their encoder costs a process
+# that only uses the heap, or a CLI command that only asks the kernel, about
+# 30 ms of start-up.
+_CLIENT_NAMES = {
+    "RemoteError",
+    "ReplicaDied",
+    "ServiceUnavailable",
+    "aconnect",
+    "connect",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CLIENT_NAMES:
+        from llmasos import client
+
+        value = getattr(client, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'llmasos' has no attribute {name!r}")
+
 
 HEAP_ENV = "LLMASOS_HEAP"
 

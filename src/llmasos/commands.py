@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import select
 import sys
 import time
 from collections.abc import Sequence
@@ -21,6 +22,8 @@ from llmasos import control
 from llmasos.errors import LLMasOSError
 from llmasos.manifest import load_manifest
 from llmasos.units import format_size
+
+BOOT_TIMEOUT_S = 60.0  # how long `boot --detach` waits for the system
 
 
 class UsageError(LLMasOSError, ValueError):
@@ -54,7 +57,7 @@ def run_boot(args: argparse.Namespace) -> int:
     if not args.detach:
         boot(
             manifest,
-            ready=lambda: print(f"system {manifest.system.name!r} booting", flush=True),
+            ready=lambda: print(f"system {manifest.system.name!r} ready", flush=True),
         )
         return 0
     return _boot_detached(manifest)
@@ -64,7 +67,9 @@ def _boot_detached(manifest: Any) -> int:
     """Start a kernel that outlives this command; return once it is ready.
 
     The kernel is a grandchild (fork, setsid, fork), so it is nobody's zombie
-    when it exits; it reports its pid through a pipe.
+    when it exits.  It writes its pid on a pipe, then a line once every
+    service is ready or has failed; the pipe closing before that line means
+    the kernel died.
     """
     name = manifest.system.name
     log_path = control.make_run_dir(name) / "kernel.log"
@@ -75,17 +80,27 @@ def _boot_detached(manifest: Any) -> int:
         os.setsid()
         if os.fork() != 0:
             os._exit(0)
-        os.write(w, str(os.getpid()).encode())
-        os.close(w)
-        _run_daemon(manifest, log_path)
+        os.write(w, b"%d\n" % os.getpid())
+        _run_daemon(manifest, log_path, w)
     os.close(w)
     os.waitpid(child, 0)
-    kernel = int(os.read(r, 32) or 0)
-    os.close(r)
-    return _wait_booted(name, kernel, log_path)
+    with os.fdopen(r, "rb") as pipe:
+        kernel = int(pipe.readline() or 0)
+        ready = select.select([pipe], [], [], BOOT_TIMEOUT_S)[0] and pipe.readline()
+    if not ready:
+        if kernel and _alive(kernel):
+            print(
+                f"llmasos: error: system {name!r} not ready after {BOOT_TIMEOUT_S:g} s",
+                file=sys.stderr,
+            )
+            return 1
+        tail = log_path.read_text().splitlines()[-1:]
+        print("llmasos: error: the kernel exited: " + " / ".join(tail), file=sys.stderr)
+        return 1
+    return _report_booted(name, kernel, log_path)
 
 
-def _run_daemon(manifest: Any, log_path: Any) -> None:
+def _run_daemon(manifest: Any, log_path: Any, ready_w: int) -> None:
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -93,28 +108,15 @@ def _run_daemon(manifest: Any, log_path: Any) -> None:
     try:
         from llmasos.kernel import boot
 
-        boot(manifest)
+        def ready() -> None:
+            os.write(ready_w, b"ready\n")
+            os.close(ready_w)
+
+        boot(manifest, ready, private=[ready_w])
     except BaseException as exc:
         print(f"llmasos: kernel failed: {exc}", file=sys.stderr, flush=True)
         code = 1
     os._exit(code)
-
-
-def _wait_booted(name: str, kernel: int, log_path: Any) -> int:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if not _alive(kernel):
-            tail = log_path.read_text().splitlines()[-1:]
-            print(
-                "llmasos: error: the kernel exited: " + " / ".join(tail),
-                file=sys.stderr,
-            )
-            return 1
-        if _all_ready(name, kernel):
-            return _report_booted(name, kernel, log_path)
-        time.sleep(0.02)
-    print(f"llmasos: error: system {name!r} not ready after 60 s", file=sys.stderr)
-    return 1
 
 
 def _report_booted(name: str, kernel: int, log_path: Any) -> int:
@@ -141,18 +143,6 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return not open(f"/proc/{pid}/stat").read().split(") ")[1].startswith("Z")
-
-
-def _all_ready(name: str, kernel: int) -> bool:
-    try:
-        ps = control.request("ps", system=name)
-    except Exception:
-        return False
-    if ps["kernel"] != kernel:
-        return False
-    return all(
-        s["ready"] >= s["replicas"] or s["failed"] for s in ps["services"].values()
-    )
 
 
 def run_ps(args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,7 @@ class Kernel:
         self.manifest = manifest
         self.name = manifest.system.name
         self.dir = control.make_run_dir(self.name)
+        self.heap_name = f"sys-{self.name}"
         self.logs = self.dir / "logs"
         self.logs.mkdir(mode=0o700, exist_ok=True)
         self.save_timer: asyncio.TimerHandle | None = None
@@ -107,6 +109,7 @@ class Kernel:
         self.services: dict[str, Service] = {}
         self.stopping = asyncio.Event()
         self.pidfds: dict[int, int] = {}
+        self.private: list[int] = []  # see boot()
         # Spares of the fork server: (pid, pipe to send it its spec), the
         # spawns waiting for one, forks asked for and not arrived, and the
         # number of preloads asked for (older spares lack a module).
@@ -152,27 +155,29 @@ class Kernel:
 
     def create_heap(self) -> None:
         sysspec = self.manifest.system
-        name = f"sys-{self.name}"
-        unlink(name)
+        unlink(self.heap_name)
         self.heap = Heap.create(
             sysspec.heap_size,
             page_size=sysspec.page_size,
-            name=name,
+            name=self.heap_name,
             huge_pages=sysspec.huge_pages,
             max_channels=1024,
             max_procs=1024,
         )
-        os.environ["LLMASOS_HEAP"] = name
-        os.environ[control.SYSTEM_ENV] = self.name
 
     def start_forkserver(self) -> None:
+        """Fork the fork server.  It is forked before the heap is made (it
+        needs only its name) so that its imports and the heap's allocation
+        run side by side."""
+        os.environ["LLMASOS_HEAP"] = self.heap_name
+        os.environ[control.SYSTEM_ENV] = self.name
         preload = sorted(
             {s.entry.partition(":")[0] for s in self.manifest.services.values()}
         )
         self.ready_r, ready_w = os.pipe()
         self.fs_pid, self.fs_sock = forkserver.start(
             ["llmasos.runtime", *preload],
-            close=[self.lock_file.fileno(), self.ready_r],
+            close=[self.lock_file.fileno(), self.ready_r, *self.private],
             ready_w=ready_w,
         )
         os.close(ready_w)
@@ -205,8 +210,9 @@ class Kernel:
                 SAVE_DELAY_S, self.save_state
             )
 
-    async def run(self) -> None:
-        """Serve until asked to stop, then shut everything down."""
+    async def run(self, ready: Callable[[], object] | None = None) -> None:
+        """Serve until asked to stop, then shut everything down; ``ready`` is
+        called once every service is ready or has failed."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stopping.set)
@@ -223,6 +229,8 @@ class Kernel:
                 len(self.services),
                 self.heap.name,
             )
+            if ready is not None:
+                ready()
             await self.stopping.wait()
         finally:
             server.close()
@@ -822,21 +830,23 @@ def _start_time(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[19])
 
 
-def boot(manifest: Manifest, ready: Any = None) -> None:
-    """Run a kernel for manifest in this process until it shuts down."""
+def boot(
+    manifest: Manifest,
+    ready: Callable[[], object] | None = None,
+    private: Sequence[int] = (),
+) -> None:
+    """Run a kernel for manifest in this process until it shuts down;
+    ``ready`` is called once every service is ready or has failed.
+    ``private`` are descriptors of this process that the system's other
+    processes must not inherit."""
     kernel = Kernel(manifest)
+    kernel.private = list(private)
     kernel.take_lock()
-    kernel.create_heap()
     kernel.start_forkserver()
+    kernel.create_heap()
     _core_subreaper()
     kernel.save_state()
-    asyncio.run(_run(kernel, ready))
-
-
-async def _run(kernel: Kernel, ready: Any) -> None:
-    if ready is not None:
-        asyncio.get_running_loop().call_soon(ready)
-    await kernel.run()
+    asyncio.run(kernel.run(ready))
 
 
 def _core_subreaper() -> None:
