@@ -34,7 +34,10 @@ from llmasos.codec import Decoder, Encoder, prepare
 from llmasos.errors import ChannelClosed, LLMasOSError
 from llmasos.heap import Buffer, Heap
 
-CHECK_S = 0.02  # how often a waiting caller checks that its replica lives
+# How often a waiting caller checks that its replica lives: the futex it
+# sleeps on cannot also wait for a death, so a long call costs a wake-up
+# every CHECK_S.
+CHECK_S = 0.02
 RESOLVE_WAIT_S = 10.0  # how long a call waits for a replica to be ready
 
 
