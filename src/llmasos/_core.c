@@ -161,6 +161,25 @@ out:
     return ok;
 }
 
+/*
+ * The fast path of send and recv with a timeout, as every call between
+ * services makes them: the timeout is the argument at position ``at``, given
+ * by position or as the one keyword ``timeout``.  Returns it, or NULL when
+ * the call has another shape (then parse_slow says what is wrong, or
+ * parses the other keywords).
+ */
+static PyObject *timeout_arg(PyObject *const *args, Py_ssize_t nargs,
+                             PyObject *kwnames, Py_ssize_t at)
+{
+    if (kwnames == NULL)
+        return nargs == at + 1 ? args[at] : NULL;
+    if (nargs == at && PyTuple_GET_SIZE(kwnames) == 1 &&
+        PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0),
+                                         "timeout") == 0)
+        return args[at];
+    return NULL;
+}
+
 /* ---- Heap ---- */
 
 typedef struct {
@@ -1049,6 +1068,12 @@ static PyObject *sender_send(ChanObject *c, PyObject *const *args,
 
     if (kwnames == NULL && nargs == 1)
         return send_impl(c, args[0], -1);
+    if ((tmo_o = timeout_arg(args, nargs, kwnames, 1)) != NULL) {
+        if (timeout_ns(tmo_o, &tmo) < 0)
+            return NULL;
+        return send_impl(c, args[0], tmo);
+    }
+    tmo_o = Py_None;
     if (!parse_slow(args, nargs, kwnames, "O|Op:send", kw, &msg, &tmo_o,
                     &block) ||
         timeout_ns(tmo_o, &tmo) < 0)
@@ -1131,8 +1156,11 @@ static PyObject *chan_recv(ChanObject *c, PyObject *const *args,
 
     if (nargs == 0 && kwnames == NULL)
         return recv_impl(c, -1);
-    if (!parse_slow(args, nargs, kwnames, "|O:recv", kw, &tmo_o))
-        return NULL;
+    if ((tmo_o = timeout_arg(args, nargs, kwnames, 0)) == NULL) {
+        tmo_o = Py_None;
+        if (!parse_slow(args, nargs, kwnames, "|O:recv", kw, &tmo_o))
+            return NULL;
+    }
     if (timeout_ns(tmo_o, &tmo) < 0)
         return NULL;
     return recv_impl(c, tmo);
