@@ -74,6 +74,12 @@ def _error(exc: Exception) -> list[str]:
     return [type(exc).__name__, str(exc), traceback.format_exc()]
 
 
+def _arrival(sent_ns: int) -> float:
+    """When a request arrived, on the monotonic clock: when it was sent, but
+    never in the future (the caller's clock is the same clock)."""
+    return min(sent_ns / 1e9, time.monotonic())
+
+
 class _Stop(Exception):
     pass
 
@@ -156,17 +162,16 @@ class Replica:
             item = self._next(finished)
             try:
                 if isinstance(item, Request):
-                    req_id, method, args, kwargs, reply, caller = item.payload
-                    finished = self._run(
-                        req_id, method, args, kwargs, reply, caller, item.deadline
-                    )
+                    finished = self._run(item.payload, item.deadline)
+                elif item[6] or self.deadlines:
+                    finished = self._run(item, self._deadline(item))
                 else:
-                    finished = self._run(*item)
+                    finished = self._run(item, None)
             except Exception:  # a bug of ours: say so, keep serving
                 traceback.print_exc()
                 finished = True
 
-    def _next(self, finished: bool) -> Request | tuple:
+    def _next(self, finished: bool) -> Request | list:
         """Count the thread's last request done (if ``finished``), then
         return the next request to run: the best of the run queue, or,
         leading the wait on the channel when nobody else does, the one
@@ -182,7 +187,7 @@ class Replica:
             while True:
                 req = self._pop()
                 if req is not None:
-                    if len(self.queue):
+                    if self.queue.queued:
                         self._wake()  # more to run: another worker may
                     return req
                 if not self.leader:
@@ -199,17 +204,20 @@ class Replica:
             raise
         with self.lock:
             if (
-                not len(self.queue)
+                not self.queue.queued
                 and not self.channel.queued
                 and self.in_flight < self.max_in_flight
             ):
-                item = self._decode(first)
-                if item is not None:
+                alone = self._decode(first)
+                if alone is not None:
                     self.leader = False
                     self.in_flight += 1
-                    if self.workers > 1 and self._slow(item[1]):
+                    if (
+                        self.workers > 1
+                        and self.estimator.estimate(alone[1]) > HAND_OVER_S
+                    ):
                         self._wake()  # a slow call: let another thread lead
-                    return item[:7]  # what _run takes
+                    return alone
             else:
                 self._queue(first)
             self._drain()  # still the leader: the channel is ours alone
@@ -217,9 +225,6 @@ class Replica:
             req = self._pop()
             self._wake()
         return req if req is not None else self._next(False)
-
-    def _slow(self, method: str) -> bool:
-        return self.estimator.estimate(method) > HAND_OVER_S
 
     def _wake(self) -> None:
         """Wake a follower; cond held.  Workers start when first needed:
@@ -239,7 +244,7 @@ class Replica:
         """
         if not self.leader:
             self._drain()
-        if not len(self.queue) or self.in_flight >= self.max_in_flight:
+        if not self.queue.queued or self.in_flight >= self.max_in_flight:
             return None
         req = self.queue.pop()
         for expired in self.queue.take_expired():
@@ -254,55 +259,48 @@ class Replica:
             self._queue(self.channel.recv_nowait())
 
     def _queue(self, msg: bytes) -> None:
-        item = self._decode(msg)
-        if item is None:
+        req = self._decode(msg)
+        if req is None:
             return
-        req_id, method, args, kwargs, reply, caller, deadline, arrival, prio = item
+        req_id, method, _, _, _, _, _, prio, sent = req
         self.queue.push(
             Request(
                 name=str(req_id),
-                arrival=arrival,
+                arrival=_arrival(sent),
                 method=method,
                 priority=prio or None,
-                deadline=deadline,
-                payload=item[:6],
+                deadline=self._deadline(req),
+                payload=req,
             )
         )
 
-    def _decode(self, msg: bytes) -> tuple | None:
-        """``(id, method, args, kwargs, reply, caller, deadline, arrival,
-        priority)`` of a request, or None (reported in the log) for a
-        message that cannot be read: it has no reply address to answer."""
+    def _decode(self, msg: bytes) -> list | None:
+        """The request in msg, ``[id, method, args, kwargs, reply, caller,
+        deadline_ns, priority, sent_ns]``, or None (reported in the log) for
+        a message that cannot be read: it has no reply address to answer."""
         try:
-            req_id, method, args, kwargs, reply, caller, deadline, prio, sent = (
-                self.codecs.decoder.unpack(msg)
-            )
+            req = self.codecs.decoder.unpack(msg)
+            if type(req) is not list or len(req) != 9:
+                raise ValueError(f"a request has 9 fields, not {req!r}")
         except Exception:
             traceback.print_exc()
             return None
-        arrival = min(sent / 1e9, time.monotonic())
-        if deadline:
-            deadline_s: float | None = deadline / 1e9
-        elif method in self.deadlines:
-            deadline_s = arrival + self.deadlines[method]
-        else:
-            deadline_s = None
-        return (req_id, method, args, kwargs, reply, caller, deadline_s, arrival, prio)
+        return req
 
-    def _run(
-        self,
-        req_id: int,
-        method: str,
-        args: list,
-        kwargs: dict,
-        reply: int,
-        caller: int,
-        deadline: float | None,
-    ) -> bool:
+    def _deadline(self, req: list) -> float | None:
+        """When the request must have started, on the monotonic clock: the
+        caller's deadline, else the manifest's deadline after its arrival."""
+        if req[6]:
+            return float(req[6] / 1e9)
+        budget = self.deadlines.get(req[1])
+        return None if budget is None else _arrival(req[8]) + budget
+
+    def _run(self, req: list, deadline: float | None) -> bool:
         """Run a request and reply; False when it goes on as a coroutine
         (whose end is counted by ``_done``)."""
+        req_id, method, args, kwargs, reply, caller, _, _, _ = req
         if deadline is not None and time.monotonic() >= deadline:
-            self._reply_late((req_id, method, args, kwargs, reply, caller))
+            self._reply_late(req)
             return True
         fn = self.methods.get(method)
         t0 = time.perf_counter()
@@ -316,7 +314,7 @@ class Replica:
             message = [req_id, False, _error(exc)]
         else:
             if method in self.coroutines:
-                self._start_async((req_id, method, args, kwargs, reply, caller), value)
+                self._start_async(req, value)
                 return False
             message = [req_id, True, value]
         self.estimator.record(method, time.perf_counter() - t0)
@@ -327,10 +325,10 @@ class Replica:
         """Count a coroutine's request done (from the loop's thread)."""
         with self.lock:
             self.in_flight -= 1
-            if len(self.queue) or self.in_flight + 1 >= self.max_in_flight:
+            if self.queue.queued or self.in_flight + 1 >= self.max_in_flight:
                 self._wake()
 
-    def _start_async(self, payload: tuple, coro: Any) -> None:
+    def _start_async(self, req: list, coro: Any) -> None:
         """Run a coroutine on the replica's event loop; reply when it ends."""
         import asyncio  # only services with coroutine methods need it
 
@@ -339,7 +337,7 @@ class Replica:
             threading.Thread(
                 target=self.loop.run_forever, name="loop", daemon=True
             ).start()
-        req_id, method, _args, _kwargs, reply, caller = payload
+        req_id, method, _, _, reply, caller, _, _, _ = req
         t0 = time.perf_counter()
 
         async def run() -> None:
@@ -356,9 +354,9 @@ class Replica:
 
     # ---- replies ----
 
-    def _reply_late(self, payload: tuple) -> None:
+    def _reply_late(self, req: list) -> None:
         """Answer a request whose deadline passed before it could run."""
-        req_id, _method, _args, _kwargs, reply, caller = payload
+        req_id, _, _, _, reply, caller, _, _, _ = req
         error = [
             "DeadlineExceeded",
             "the call's deadline passed before it could run",

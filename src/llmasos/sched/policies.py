@@ -189,19 +189,20 @@ class Policy(ABC):
         self.clock = clock
         self._seq: Iterator[int] = itertools.count()
         self._expired: list[Request] = []
-        self._queued = 0
+        # Requests waiting, expired ones not yet found included: what
+        # len() says, as an attribute for the replica's path of every call.
+        self.queued = 0
         self._pushed = 0
         self._started = 0
         self._expired_total = 0
 
     def __len__(self) -> int:
-        """Number of requests waiting, expired ones not yet found included."""
-        return self._queued
+        return self.queued
 
     def push(self, request: Request) -> None:
         """Add a request to the queue."""
         self._insert(request, next(self._seq))
-        self._queued += 1
+        self.queued += 1
         self._pushed += 1
 
     def peek(self, now: float | None = None) -> Request | None:
@@ -240,7 +241,7 @@ class Policy(ABC):
         """Return a snapshot of the queue's counters."""
         return RunQueueStats(
             policy=self.name,
-            queued=self._queued,
+            queued=self.queued,
             pushed=self._pushed,
             started=self._started,
             expired=self._expired_total,
@@ -248,7 +249,7 @@ class Policy(ABC):
 
     def _take_best(self, request: Request) -> None:
         self._remove_best(request)
-        self._queued -= 1
+        self.queued -= 1
 
     @abstractmethod
     def _insert(self, request: Request, seq: int) -> None:
