@@ -37,6 +37,8 @@ bench: $(PY)
 	$(PIP) install --quiet '.[bench]'
 	$(PY) benchmarks/alloc.py
 	$(PY) benchmarks/ipc.py
+	$(PY) benchmarks/kernel.py
+	$(PY) benchmarks/scheduling.py
 
 demo: install
 	$(VENV)/bin/llmasos demo
