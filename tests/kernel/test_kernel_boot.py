@@ -157,6 +157,23 @@ def test_kernel_killed_takes_every_process_down_and_reboot_cleans_up(
     assert s.cli("call", "kv.get", "k").stdout == "v\n"
 
 
+def test_fork_server_killed_shuts_the_system_down_cleanly(
+    boot: Callable[..., System],
+) -> None:
+    s = boot("fsdied", SERVICES)
+    kernel = s.kernel_pid()
+    pids = s.pids("kv") + s.pids("echo")
+    forkserver = parent_of(pids[0])
+
+    os.kill(forkserver, signal.SIGKILL)
+
+    for pid in [kernel, *pids]:
+        wait_until(lambda pid=pid: not alive(pid), f"process {pid} to exit")
+    assert "the fork server died; shutting the system down" in s.kernel_log()
+    assert not (s.dir / "control.sock").exists()
+    assert not heap_path(s.name).exists()
+
+
 def test_kernel_killed_reboot_leaves_an_outside_client_alive(
     boot: Callable[..., System],
 ) -> None:

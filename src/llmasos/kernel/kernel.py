@@ -267,16 +267,32 @@ class Kernel:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p.pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
-        while any(p.pid in self.procs for p in procs) and time.monotonic() < deadline:
+        while self.left(procs) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         for p in procs:
             if p.pid in self.procs:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(p.pid, signal.SIGKILL)
-        while (
-            any(p.pid in self.procs for p in procs) and time.monotonic() < deadline + 5
-        ):
+        while self.left(procs) and time.monotonic() < deadline + 5:
             await asyncio.sleep(0.01)
+
+    def left(self, procs: list[Proc]) -> bool:
+        """Whether any of procs is still in the table.  With the fork server
+        gone, its children are the kernel's (the child subreaper's), and
+        their exits are read here."""
+        if self.fs_pid not in self.procs:
+            self.reap_orphans()
+        return any(p.pid in self.procs for p in procs)
+
+    def reap_orphans(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.on_exit(pid, os.waitstatus_to_exitcode(status))
 
     # ---- services and replicas ----
 
@@ -430,7 +446,10 @@ class Kernel:
             ]
             if not data:
                 asyncio.get_running_loop().remove_reader(self.fs_sock)
+                self.procs.pop(self.fs_pid, None)
                 if not self.stopping.is_set():
+                    # Its replicas died with it; a new server and all of them
+                    # again is a boot, which is left to whoever booted this.
                     log.error("the fork server died; shutting the system down")
                     self.stopping.set()
                 return
