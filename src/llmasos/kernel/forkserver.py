@@ -204,14 +204,15 @@ def _specialise(line: bytes, ready_w: int) -> dict[str, Any]:
     spec, index, log = json.loads(line)
     spec["replica"] = index
     spec["ready_fd"] = ready_w
-    _redirect(log)
+    if log:  # (the stand-in keeps the server's output, to report its errors)
+        _redirect(log)
     _apply_os_settings(spec)
     os.environ.update(spec["env"])
     os.environ[control.REPLICA_ENV] = f"{spec['service']}/{index}"
     return spec
 
 
-_STAND_IN = json.dumps([{"service": "", "env": {}}, 0, os.devnull]).encode()
+_STAND_IN = json.dumps([{"service": "", "env": {}}, 0, ""]).encode()
 
 
 def _read_line(fd: int) -> bytes:
