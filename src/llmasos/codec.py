@@ -5,8 +5,9 @@ priority, sent_ns]`` (times on the monotonic clock, which all processes of a
 machine share) and a reply ``[id, ok, value]``, both in MessagePack (with
 msgspec, whose encoder and decoder are made once and cost a third to a half
 of msgpack's per message).  Plain values are copied into the message;
-msgspec also takes sets, tuples (they arrive as lists), dataclasses (as
-maps) and datetimes.  Large payloads travel through the heap instead, marked
+msgspec also takes sets and tuples (they arrive as lists), dataclasses (as
+maps) and datetimes (aware ones arrive as datetimes, naive ones as ISO
+strings).  Large payloads travel through the heap instead, marked
 by extension types:
 
 - ``EXT_BUFFER``: a ``Buffer`` by handle, not a byte of it copied.  In a
@@ -41,6 +42,8 @@ LARGE = 16 << 10  # bytes-like arguments this large go through the heap
 
 DecodeError = msgspec.DecodeError
 
+_BYTES_LIKE = (bytes, bytearray, memoryview)  # (a tuple: quicker than a union)
+
 
 def _is_ndarray(obj: Any) -> bool:
     """True for a numpy array; numpy is looked up, never imported here (a
@@ -64,7 +67,7 @@ def prepare(value: Any) -> Any:
     """Mark a large bytes-like argument so the encoder moves it by block;
     anything else is returned as it is."""
     if (
-        isinstance(value, bytes | bytearray | memoryview)
+        isinstance(value, _BYTES_LIKE)
         and (value.nbytes if isinstance(value, memoryview) else len(value)) >= LARGE
     ):
         return _Large(value)
