@@ -5,6 +5,7 @@ side, and a clear error for what cannot be sent."""
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -50,7 +51,7 @@ def test_plain_values_round_trip(shared: llmasos.Heap, value: object) -> None:
     assert enc.made == []
 
 
-def test_tuples_and_sets_arrive_as_lists_and_dataclasses_as_maps(
+def test_tuples_sets_dataclasses_and_datetimes_arrive_as_documented(
     heap: llmasos.Heap,
 ) -> None:
     @dataclasses.dataclass
@@ -58,9 +59,17 @@ def test_tuples_and_sets_arrive_as_lists_and_dataclasses_as_maps(
         x: int
         y: int
 
-    data = Encoder(heap).pack([(1, 2), {3}, Point(4, 5)])
+    aware = datetime.datetime(2026, 12, 3, 9, 30, tzinfo=datetime.UTC)
+    naive = datetime.datetime(2026, 12, 3, 9, 30)
+    data = Encoder(heap).pack([(1, 2), {3}, Point(4, 5), aware, naive])
 
-    assert Decoder(heap).unpack(data) == [[1, 2], [3], {"x": 4, "y": 5}]
+    assert Decoder(heap).unpack(data) == [
+        [1, 2],
+        [3],
+        {"x": 4, "y": 5},
+        aware,
+        "2026-12-03T09:30:00",
+    ]
 
 
 def test_large_bytes_argument_is_read_in_place_from_one_block(
