@@ -42,6 +42,7 @@ import signal
 import socket
 import sys
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 from llmasos import _core, control
@@ -141,16 +142,8 @@ class _Server:
         socket.send_fds(self.sock, [json.dumps(msg).encode()], list(fds))
 
     def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            self._send(
-                {"op": "exit", "pid": pid, "code": os.waitstatus_to_exitcode(status)}
-            )
+        for pid, code in reap():
+            self._send({"op": "exit", "pid": pid, "code": code})
 
     def _fork_spare(self) -> None:
         """Fork a spare and hand its spec pipe to the kernel.  The fork of
@@ -164,6 +157,19 @@ class _Server:
         os.close(spec_r)
         self._send({"op": "spare", "pid": pid, "gen": self.gen}, (spec_w,))
         os.close(spec_w)  # the kernel's copy is now the only one
+
+
+def reap() -> Iterator[tuple[int, int]]:
+    """Reap every child that has exited: (pid, exit code, or minus the
+    signal number)."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, os.waitstatus_to_exitcode(status)
 
 
 def _child(spec_r: int, server: _Server) -> int:

@@ -281,18 +281,9 @@ class Kernel:
         gone, its children are the kernel's (the child subreaper's), and
         their exits are read here."""
         if self.fs_pid not in self.procs:
-            self.reap_orphans()
+            for pid, code in forkserver.reap():
+                self.on_exit(pid, code)
         return any(p.pid in self.procs for p in procs)
-
-    def reap_orphans(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            self.on_exit(pid, os.waitstatus_to_exitcode(status))
 
     # ---- services and replicas ----
 
