@@ -32,18 +32,16 @@ import argparse
 import array
 import dataclasses
 import gc
-import importlib.metadata
 import json
 import math
 import multiprocessing
-import os
-import platform
 import statistics
 import sys
 import time
 from multiprocessing.shared_memory import SharedMemory
 
 import llmasos
+from _machine import machine
 
 now = time.perf_counter_ns
 KIB = 1 << 10
@@ -429,19 +427,6 @@ def heap_text(h: dict) -> str:
             f"Nothing leaked: {verdict}",
         ]
     )
-
-
-def machine() -> dict:
-    """What the figures were measured on."""
-    with open("/proc/cpuinfo") as f:
-        models = [ln.split(":", 1)[1] for ln in f if ln.startswith("model name")]
-    return {
-        "cpu": models[0].strip() if models else platform.machine(),
-        "cpus": os.cpu_count(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "llmasos": importlib.metadata.version("llmasos"),
-    }
 
 
 def _rounded(r: dict) -> dict:

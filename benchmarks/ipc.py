@@ -39,7 +39,6 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import os
-import platform
 import resource
 import shutil
 import signal
@@ -50,7 +49,7 @@ import tempfile
 import time
 import traceback
 
-from _load import OtherLoadMeter
+from _machine import OtherLoadMeter, machine
 
 now = time.perf_counter_ns
 MIB = 1 << 20
@@ -860,29 +859,6 @@ def figures(name: str, results: dict, plan: Plan) -> dict:
 # -- report ---------------------------------------------------------------------
 
 
-def machine() -> dict:
-    """What the figures were measured on."""
-    with open("/proc/cpuinfo") as f:
-        cpuinfo = f.read()
-    models = [ln.split(":", 1)[1] for ln in cpuinfo.splitlines() if "model name" in ln]
-    versions = {}
-    for dist in ("pyzmq", "iceoryx2", "llmasos"):
-        try:
-            versions[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            versions[dist] = None
-    return {
-        "cpu": models[0].strip() if models else platform.processor(),
-        "cpus": os.cpu_count(),
-        "virtualised": " hypervisor" in cpuinfo,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "other_load_cpu_pct": {},
-        "start_method": START_METHOD,
-        "versions": versions,
-    }
-
-
 def regime(info: dict, plan: Plan) -> str:
     """One sentence naming the conditions the figures were taken in."""
     other = max(info["other_load_cpu_pct"].values(), default=0.0)
@@ -1026,7 +1002,10 @@ def main(argv: list | None = None) -> int:
     """Measure the selected transports and print the table or the JSON."""
     args = parse_args(argv)
     plan = make_plan(args)
-    info = machine()
+    info = machine("pyzmq", "iceoryx2") | {
+        "other_load_cpu_pct": {},
+        "start_method": START_METHOD,
+    }
     rows = run_rows(args, plan, info)
 
     if args.json:

@@ -49,7 +49,6 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -60,7 +59,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from _load import machine_busy_s
+from _machine import machine, machine_busy_s
 
 now = time.perf_counter_ns
 PAYLOAD = b"x" * 64
@@ -817,14 +816,9 @@ def main(argv: list | None = None) -> int:
 
 def report_json(row: dict, plan: Plan) -> str:
     """The figures as one JSON object, with the regime, targets and plan."""
-    machine = {
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-        "cpus": os.cpu_count(),
-    }
     report = {k: _rounded(v) for k, v in row.items()}
     report |= {"regime": regime(row), "targets": targets(row)}
-    report |= {"machine": machine, "plan": dataclasses.asdict(plan)}
+    report |= {"machine": machine(), "plan": dataclasses.asdict(plan)}
     return json.dumps(report)
 
 

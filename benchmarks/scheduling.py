@@ -47,12 +47,10 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import importlib.metadata
 import json
 import math
 import multiprocessing
 import os
-import platform
 import random
 import shutil
 import signal
@@ -67,7 +65,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _load import OtherLoadMeter
+from _machine import OtherLoadMeter, machine
 
 POLICIES = ("fifo", "priority", "hrrn", "edf")
 KINDS = ("short", "long")
@@ -446,21 +444,6 @@ def figures(raw: dict) -> dict:
 
 
 # -- report ---------------------------------------------------------------------
-
-
-def machine() -> dict:
-    """What the figures were measured on."""
-    with open("/proc/cpuinfo") as f:
-        cpuinfo = f.read()
-    models = [ln.split(":", 1)[1] for ln in cpuinfo.splitlines() if "model name" in ln]
-    return {
-        "cpu": models[0].strip() if models else platform.processor(),
-        "cpus": os.cpu_count(),
-        "virtualised": " hypervisor" in cpuinfo,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "llmasos": importlib.metadata.version("llmasos"),
-    }
 
 
 def regime(plan: Plan, cpu: int | None, requests: int) -> str:

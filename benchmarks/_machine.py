@@ -1,14 +1,40 @@
-"""How busy the machine is besides the benchmark, shared by the benchmarks.
+"""The machine the benchmarks run on: what it is, and how busy it is besides
+the benchmark.
 
 Figures taken while other processes use the CPUs are not comparable with an
-idle machine's; each benchmark measures the load of others and says so.
+idle machine's; each benchmark measures the load of others and says so, and
+its JSON names the machine.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import platform
 import resource
 import time
+
+
+def machine(*dists: str) -> dict:
+    """What the figures were measured on, with the versions of ``dists``
+    (None for one not installed) besides LLMasOS's."""
+    with open("/proc/cpuinfo") as f:
+        cpuinfo = f.read()
+    models = [ln.split(":", 1)[1] for ln in cpuinfo.splitlines() if "model name" in ln]
+    versions = {}
+    for dist in ("llmasos", *dists):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {
+        "cpu": models[0].strip() if models else platform.machine(),
+        "cpus": os.cpu_count(),
+        "virtualised": " hypervisor" in cpuinfo,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
 
 
 def machine_busy_s() -> float:
