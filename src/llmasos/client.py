@@ -196,15 +196,24 @@ def _process(system: str | None) -> _Process:
         return proc
 
 
+_forks = 0  # forks of this process so far: a proxy's cached _Process is void after one
+
+
 def _forget_after_fork() -> None:
+    global _forks
     _processes.clear()
+    _forks += 1
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 class ServiceProxy:
-    """Calls the methods of a service: ``proxy.method(*args, **kwargs)``."""
+    """Calls the methods of a service: ``proxy.method(*args, **kwargs)``.
+
+    A proxy without a system name follows ``$LLMASOS_SYSTEM`` (else the only
+    system running) as it is at its first call, and after a fork.
+    """
 
     def __init__(
         self,
@@ -218,6 +227,11 @@ class ServiceProxy:
         self._timeout = timeout
         self._priority = priority
         self._last: _Replica | None = None
+        # The link to the system, found on the first call (reading the
+        # environment on every call would cost a microsecond) and again
+        # after a fork.
+        self._proc: _Process | None = None
+        self._proc_forks = -1
 
     def __getattr__(self, method: str) -> Any:
         if method.startswith("_"):
@@ -231,7 +245,10 @@ class ServiceProxy:
         (the replica's channel closed: it died or restarted) is sent again to
         a replica resolved anew; one that was delivered is sent again only
         for an idempotent method, once."""
-        proc = _process(self._system)
+        proc = self._proc
+        if proc is None or self._proc_forks != _forks:
+            proc = self._proc = _process(self._system)
+            self._proc_forks = _forks
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
         retried = undelivered = 0
         dead = -1  # the replica a retry should avoid

@@ -124,6 +124,33 @@ def test_process_fork_returns_0_in_the_child_and_its_pid_in_the_parent(
     wait_gone(system, pid)
 
 
+def test_process_forked_child_and_parent_call_through_one_proxy_at_once(
+    system: System,
+) -> None:
+    # A proxy made before the fork; each side must get its own answers.
+    probe = llmasos.connect("probe", timeout=5)  # via $LLMASOS_SYSTEM
+    assert probe.say("parent") == "parent"
+    r, w = os.pipe()
+
+    pid = llmasos.fork()
+    if pid == 0:
+        code = 1
+        try:
+            got = [probe.say(f"child {i}") for i in range(300)]
+            code = 0 if got == [f"child {i}" for i in range(300)] else 2
+        finally:
+            os.write(w, b"done")
+            os._exit(code)
+
+    with reaped(pid):
+        os.close(w)
+        got = [probe.say(f"parent {i}") for i in range(300)]
+        os.read(r, 4)
+        os.close(r)
+        assert llmasos.wait(pid, timeout=WATCHDOG_S) == 0
+    assert got == [f"parent {i}" for i in range(300)]
+
+
 def test_process_spawn_and_wait_report_the_exit_code(system: System) -> None:
     def fail() -> None:
         raise RuntimeError("spawned to fail")
